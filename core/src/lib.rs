@@ -1,0 +1,17 @@
+//! keygate-core: everything keygate decides, with no proxy-wasm dependency.
+//!
+//! Request flow: [`headers::HeaderMap`] → [`credential::Extractor::extract`]
+//! → [`keys::KeyStore::lookup`] → [`ratelimit::take_shared`] →
+//! [`policy::Decision`] → [`reply::render`] or [`policy::Policy::forward_edits`].
+
+pub mod config;
+pub mod credential;
+pub mod denial;
+pub mod headers;
+pub mod keys;
+pub mod policy;
+pub mod ratelimit;
+pub mod reply;
+
+pub use denial::{Denial, DenyCode};
+pub use policy::{ConfigError, Decision, Policy};

@@ -1,0 +1,286 @@
+//! Per-key rate limiting with GCRA (a token bucket kept as one timestamp).
+//!
+//! The whole state of a bucket is its theoretical arrival time (TAT), eight
+//! bytes in shared data. A request is admitted when moving the TAT forward by
+//! one emission interval keeps it within `burst` intervals of now. Updates go
+//! through compare-and-swap so that every Envoy worker sees one bucket.
+
+use crate::denial::RateInfo;
+
+const NANOS: u64 = 1_000_000_000;
+/// Longest emission interval (one request per 1000 s) and largest burst;
+/// together they keep `interval * burst` far below `u64::MAX`.
+const MAX_INTERVAL_NS: u64 = 1_000 * NANOS;
+
+/// Bounded CAS retries before failing closed.
+pub const MAX_CAS_RETRIES: usize = 32;
+
+/// A compiled limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Nanoseconds between two admitted requests at the sustained rate.
+    pub interval_ns: u64,
+    /// Bucket size.
+    pub burst: u64,
+}
+
+impl Limit {
+    /// From a rate in requests per second and a burst. The caller validates
+    /// ranges; this clamps so the arithmetic cannot overflow.
+    pub fn new(requests_per_second: f64, burst: u64) -> Self {
+        let interval = (NANOS as f64 / requests_per_second).round();
+        let interval_ns = if interval.is_finite() {
+            (interval as u64).clamp(1, MAX_INTERVAL_NS)
+        } else {
+            1
+        };
+        Limit {
+            interval_ns,
+            burst: burst.max(1),
+        }
+    }
+
+    fn tolerance_ns(&self) -> u64 {
+        self.interval_ns.saturating_mul(self.burst)
+    }
+
+    /// Seconds to refill the bucket from empty (`w` in `RateLimit-Policy`).
+    pub fn window_secs(&self) -> u64 {
+        ceil_secs(self.tolerance_ns()).max(1)
+    }
+}
+
+/// The result of one `take`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether the request is admitted.
+    pub allowed: bool,
+    /// The new TAT to store (only meaningful when allowed).
+    pub new_tat: u64,
+    /// Figures for the response headers.
+    pub info: RateInfo,
+}
+
+/// Pure GCRA step: given the stored TAT and the monotonic time, decide.
+pub fn take(limit: &Limit, tat: u64, now: u64) -> Outcome {
+    let base = tat.max(now);
+    let new_tat = base.saturating_add(limit.interval_ns);
+    let ahead = new_tat - now;
+    let tolerance = limit.tolerance_ns();
+    if ahead > tolerance {
+        let wait = ahead - tolerance;
+        Outcome {
+            allowed: false,
+            new_tat: tat,
+            info: RateInfo {
+                burst: limit.burst,
+                window_secs: limit.window_secs(),
+                remaining: 0,
+                retry_after_secs: ceil_secs(wait).max(1),
+            },
+        }
+    } else {
+        Outcome {
+            allowed: true,
+            new_tat,
+            info: RateInfo {
+                burst: limit.burst,
+                window_secs: limit.window_secs(),
+                remaining: (tolerance - ahead) / limit.interval_ns,
+                retry_after_secs: 0,
+            },
+        }
+    }
+}
+
+fn ceil_secs(ns: u64) -> u64 {
+    ns.div_ceil(NANOS)
+}
+
+/// A stored value and its CAS token (`None` when the host gave none).
+pub type Versioned = (Vec<u8>, Option<u32>);
+
+/// Where bucket states live: proxy-wasm shared data in the filter, a map in tests.
+pub trait CounterStore {
+    /// The stored bytes and their CAS token (`None` when never written).
+    fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+    /// Writes `value` if `cas` still matches; `cas = None` writes unconditionally.
+    /// Returns false on a CAS mismatch.
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
+}
+
+/// The store failed for a reason other than a CAS mismatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreError;
+
+/// Encodes a TAT for storage.
+pub fn encode_tat(tat: u64) -> [u8; 8] {
+    tat.to_le_bytes()
+}
+
+/// Decodes a stored TAT; anything that is not 8 bytes reads as a full bucket.
+pub fn decode_tat(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_le_bytes).unwrap_or(0)
+}
+
+/// Why a take could not be decided from the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeError {
+    /// `MAX_CAS_RETRIES` conflicts in a row.
+    Contention,
+    /// The store refused the write.
+    Store,
+}
+
+/// Takes one token from the bucket at `key`: read, decide, CAS-write, retry.
+/// A denied request writes nothing.
+pub fn take_shared(
+    store: &dyn CounterStore,
+    key: &str,
+    limit: &Limit,
+    now: u64,
+) -> Result<Outcome, TakeError> {
+    for _ in 0..MAX_CAS_RETRIES {
+        let (tat, cas) = match store.get(key) {
+            Ok(Some((bytes, cas))) => (decode_tat(&bytes), cas),
+            Ok(None) => (0, None),
+            Err(StoreError) => return Err(TakeError::Store),
+        };
+        let outcome = take(limit, tat, now);
+        if !outcome.allowed {
+            return Ok(outcome);
+        }
+        match store.set(key, &encode_tat(outcome.new_tat), cas) {
+            Ok(true) => return Ok(outcome),
+            Ok(false) => continue,
+            Err(StoreError) => return Err(TakeError::Store),
+        }
+    }
+    Err(TakeError::Contention)
+}
+
+/// Creates an empty-state bucket if none exists, so that later updates are
+/// always CAS-protected. Never resets an existing bucket.
+pub fn ensure_bucket(store: &dyn CounterStore, key: &str) -> Result<(), StoreError> {
+    match store.get(key)? {
+        Some((bytes, Some(_))) if bytes.len() == 8 => Ok(()),
+        _ => store.set(key, &encode_tat(0), None).map(|_| ()),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// A CAS store with Envoy's semantics: each write bumps the token, a
+    /// missing key accepts any write.
+    #[derive(Default)]
+    pub struct MemStore {
+        pub map: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+    }
+
+    impl CounterStore for MemStore {
+        fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+            let m = self.map.lock().unwrap();
+            Ok(m.get(key).map(|(v, c)| (v.clone(), Some(*c))))
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+            let mut m = self.map.lock().unwrap();
+            let entry = m.entry(key.to_string()).or_insert((Vec::new(), 0));
+            if let Some(c) = cas {
+                if c != entry.1 {
+                    return Ok(false);
+                }
+            }
+            entry.0 = value.to_vec();
+            entry.1 += 1;
+            Ok(true)
+        }
+    }
+
+    const S: u64 = NANOS;
+
+    #[test]
+    fn burst_then_refill() {
+        let l = Limit::new(2.0, 3);
+        let store = MemStore::default();
+        let now = 100 * S;
+        let admitted: Vec<bool> = (0..5)
+            .map(|_| take_shared(&store, "k", &l, now).unwrap().allowed)
+            .collect();
+        assert_eq!(admitted, [true, true, true, false, false]);
+        let denied = take_shared(&store, "k", &l, now).unwrap();
+        assert_eq!(denied.info.remaining, 0);
+        assert_eq!(denied.info.retry_after_secs, 1);
+        assert_eq!(denied.info.window_secs, 2);
+        // After one interval (0.5 s) exactly one more is admitted.
+        assert!(take_shared(&store, "k", &l, now + S / 2).unwrap().allowed);
+        assert!(!take_shared(&store, "k", &l, now + S / 2).unwrap().allowed);
+    }
+
+    #[test]
+    fn remaining_counts_down() {
+        let l = Limit::new(10.0, 4);
+        let r: Vec<u64> = (0..4)
+            .map(|_| 0)
+            .scan(0u64, |tat, _| {
+                let o = take(&l, *tat, 5 * S);
+                *tat = o.new_tat;
+                Some(o.info.remaining)
+            })
+            .collect();
+        assert_eq!(r, [3, 2, 1, 0]);
+    }
+
+    #[test]
+    fn retry_after_rounds_up_and_is_at_least_one() {
+        let l = Limit::new(0.1, 1); // one per 10 s
+        let o1 = take(&l, 0, 50 * S);
+        assert!(o1.allowed);
+        let o2 = take(&l, o1.new_tat, 50 * S + 1);
+        assert!(!o2.allowed);
+        assert_eq!(o2.info.retry_after_secs, 10);
+        let o3 = take(&l, o1.new_tat, 60 * S - 1);
+        assert_eq!(o3.info.retry_after_secs, 1);
+    }
+
+    #[test]
+    fn clock_going_backwards_does_not_mint_tokens() {
+        let l = Limit::new(1.0, 1);
+        let o = take(&l, 0, 10 * S);
+        assert!(!take(&l, o.new_tat, 9 * S).allowed);
+    }
+
+    #[test]
+    fn concurrent_takers_never_over_admit() {
+        let l = Limit::new(1.0, 50); // no refill within the test's instant
+        let store = std::sync::Arc::new(MemStore::default());
+        ensure_bucket(&*store, "k").unwrap();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    (0..100)
+                        .filter(
+                            |_| matches!(take_shared(&*s, "k", &l, 1000 * S), Ok(o) if o.allowed),
+                        )
+                        .count()
+                })
+            })
+            .collect();
+        let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(total, 50);
+    }
+
+    #[test]
+    fn ensure_bucket_keeps_existing_state() {
+        let l = Limit::new(1.0, 1);
+        let store = MemStore::default();
+        ensure_bucket(&store, "k").unwrap();
+        assert!(take_shared(&store, "k", &l, 5 * S).unwrap().allowed);
+        ensure_bucket(&store, "k").unwrap();
+        assert!(!take_shared(&store, "k", &l, 5 * S).unwrap().allowed);
+    }
+}

@@ -1,0 +1,246 @@
+//! The few proxy-wasm host calls keygate makes, as raw imports with
+//! non-panicking wrappers.
+//!
+//! The SDK's `hostcalls` panic on any unexpected status and its `String`
+//! getters panic on non-UTF-8 bytes; a panic kills the VM for every request on
+//! that worker. Here every call returns `Result<_, Status>` and bytes stay bytes.
+
+use std::ptr::null_mut;
+
+/// A raw proxy-wasm status code (`0` is OK).
+pub type Status = u32;
+
+const OK: Status = 0;
+const NOT_FOUND: Status = 1;
+const CAS_MISMATCH: Status = 8;
+
+/// Header map selector: request headers.
+pub const REQUEST_HEADERS: u32 = 0;
+/// Buffer selector: plugin configuration.
+pub const PLUGIN_CONFIGURATION: u32 = 7;
+
+/// Log levels as proxy-wasm numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum Level {
+    /// Debug.
+    Debug = 1,
+    /// Info.
+    Info = 2,
+    /// Warning.
+    Warn = 3,
+    /// Error.
+    Error = 4,
+    /// Critical.
+    Critical = 5,
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, data: *const u8, size: usize) -> u32;
+    fn proxy_get_log_level(level: *mut u32) -> u32;
+    fn proxy_get_buffer_bytes(
+        kind: u32,
+        start: usize,
+        max: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+    fn proxy_remove_header_map_value(map: u32, key: *const u8, key_size: usize) -> u32;
+    fn proxy_replace_header_map_value(
+        map: u32,
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+    ) -> u32;
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_send_local_response(
+        status: u32,
+        details: *const u8,
+        details_size: usize,
+        body: *const u8,
+        body_size: usize,
+        headers: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key: *const u8,
+        key_size: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+        cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
+    fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_set_property(
+        path: *const u8,
+        path_size: usize,
+        value: *const u8,
+        value_size: usize,
+    ) -> u32;
+}
+
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn clock_time_get(id: u32, precision: u64, time: *mut u64) -> u16;
+}
+
+/// Takes ownership of a host-allocated buffer (allocated through the SDK's
+/// `proxy_on_memory_allocate`, i.e. a `Vec<u8>` of exactly `size`).
+unsafe fn owned(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+fn status(s: u32) -> Result<(), Status> {
+    if s == OK {
+        Ok(())
+    } else {
+        Err(s)
+    }
+}
+
+/// Writes one log line at `level`.
+pub fn log(level: Level, message: &str) {
+    // SAFETY: pointer and length describe a live &str.
+    let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
+}
+
+/// True when the host would print a line at `level`.
+pub fn log_enabled(level: Level) -> bool {
+    let mut current = 0u32;
+    // SAFETY: `current` is a valid out-pointer.
+    let s = unsafe { proxy_get_log_level(&mut current) };
+    s != OK || current <= level as u32
+}
+
+/// The whole plugin configuration buffer.
+pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: out-pointers are valid; the host allocates through our allocator.
+    let s = unsafe {
+        proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, &mut data, &mut size)
+    };
+    match s {
+        OK => Ok(unsafe { owned(data, size) }),
+        NOT_FOUND => Ok(Vec::new()),
+        e => Err(e),
+    }
+}
+
+/// The serialized request header map, decoded later by `keygate_core::headers`.
+pub fn request_header_pairs() -> Result<Vec<u8>, Status> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: as above.
+    status(unsafe { proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size) })?;
+    Ok(unsafe { owned(data, size) })
+}
+
+/// Removes every value of a request header.
+pub fn remove_request_header(name: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointer and length describe a live slice.
+    status(unsafe { proxy_remove_header_map_value(REQUEST_HEADERS, name.as_ptr(), name.len()) })
+}
+
+/// Sets a request header, replacing every existing value.
+pub fn replace_request_header(name: &[u8], value: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointers and lengths describe live slices.
+    status(unsafe {
+        proxy_replace_header_map_value(
+            REQUEST_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+/// Sends a local reply. `headers` is a serialized header map.
+pub fn send_local_response(
+    code: u32,
+    details: &str,
+    body: &[u8],
+    headers: &[u8],
+) -> Result<(), Status> {
+    // SAFETY: pointers and lengths describe live slices.
+    status(unsafe {
+        proxy_send_local_response(
+            code,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            -1,
+        )
+    })
+}
+
+/// Reads a shared-data value and its CAS token (`None` when absent).
+pub fn get_shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
+    let (mut data, mut size, mut cas) = (null_mut(), 0usize, 0u32);
+    // SAFETY: out-pointers are valid.
+    let s =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+    match s {
+        OK => Ok(Some((unsafe { owned(data, size) }, cas))),
+        NOT_FOUND => Ok(None),
+        e => Err(e),
+    }
+}
+
+/// Writes a shared-data value; `cas = 0` is unconditional. `Ok(false)` on CAS mismatch.
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<bool, Status> {
+    // SAFETY: pointers and lengths describe live slices.
+    match unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    } {
+        OK => Ok(true),
+        CAS_MISMATCH => Ok(false),
+        e => Err(e),
+    }
+}
+
+/// Defines a counter and returns its id.
+pub fn define_counter(name: &str) -> Result<u32, Status> {
+    let mut id = 0u32;
+    // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
+    status(unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+/// Adds `by` to a counter.
+pub fn increment(id: u32, by: i64) {
+    // SAFETY: plain values.
+    let _ = unsafe { proxy_increment_metric(id, by) };
+}
+
+/// Sets a filter-state value readable in access logs as `%FILTER_STATE(wasm.<name>:PLAIN)%`.
+pub fn set_filter_state(name: &str, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointers and lengths describe live slices.
+    status(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+/// Monotonic nanoseconds from the host (WASI monotonic clock), the same
+/// clock for every worker's VM. `None` if the host refuses.
+pub fn monotonic_ns() -> Option<u64> {
+    let mut t = 0u64;
+    // SAFETY: `t` is a valid out-pointer. Clock id 1 is CLOCK_MONOTONIC.
+    let s = unsafe { clock_time_get(1, 1, &mut t) };
+    (s == 0).then_some(t)
+}
