@@ -92,7 +92,7 @@ impl Policy {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." || path.is_empty() {
+            let field = if path == "." || path == "?" || path.is_empty() {
                 "configuration".to_string()
             } else {
                 path
@@ -395,4 +395,189 @@ fn same_header(a: &[u8], b: &[u8]) -> bool {
             };
             n(*x) == n(*y)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::digest;
+
+    fn h(k: &str) -> String {
+        hex::encode(digest(k.as_bytes()))
+    }
+
+    fn errors(json: &str) -> Vec<String> {
+        match Policy::from_json(json.as_bytes()) {
+            Ok(_) => vec![],
+            Err(e) => e.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    fn first_error(json: &str) -> String {
+        errors(json).into_iter().next().unwrap_or_default()
+    }
+
+    #[test]
+    fn minimal_config_compiles_with_defaults() {
+        let p = Policy::from_json(
+            format!(r#"{{"keys":[{{"id":"a","sha256":"{}"}}]}}"#, h("k")).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(p.keys().len(), 1);
+        assert_eq!(p.www_authenticate(), "Bearer realm=\"keygate\"");
+        assert_eq!(p.identity_header, "x-api-key-id");
+        assert!(p.strip_credentials);
+    }
+
+    #[test]
+    fn every_validation_error_names_its_field() {
+        let good = h("k");
+        let cases: Vec<(String, &str)> = vec![
+            ("{".into(), "configuration"),
+            (r#"{"keyz":[]}"#.into(), "unknown field `keyz`"),
+            (
+                r#"{"keys":[{"id":"a","sha256":"abc"}]}"#.into(),
+                "keys[0].sha256: must be 64 hex",
+            ),
+            (
+                format!(r#"{{"keys":[{{"id":"a","sha256":"{good}","key":"plain"}}]}}"#),
+                "keys[0]",
+            ),
+            (
+                format!(
+                    r#"{{"keys":[{{"id":"a","sha256":"{good}"}},{{"id":"a","sha256":"{}"}}]}}"#,
+                    h("j")
+                ),
+                "keys[1].id: duplicate id",
+            ),
+            (
+                format!(
+                    r#"{{"keys":[{{"id":"a","sha256":"{good}"}},{{"id":"b","sha256":"{}"}}]}}"#,
+                    good.to_uppercase()
+                ),
+                "keys: key \"b\" has the same sha256",
+            ),
+            (
+                r#"{"rate_limit":{"requests_per_second":0,"burst":5}}"#.into(),
+                "rate_limit.requests_per_second",
+            ),
+            (
+                r#"{"rate_limit":{"requests_per_second":5,"burst":-1}}"#.into(),
+                "rate_limit.burst",
+            ),
+            (
+                r#"{"rate_limit":{"requests_per_second":5,"burst":0}}"#.into(),
+                "rate_limit.burst",
+            ),
+            (
+                format!(
+                    r#"{{"keys":[{{"id":"a","sha256":"{good}","rate_limit":{{"requests_per_second":-2,"burst":1}}}}]}}"#
+                ),
+                "keys[0].rate_limit.requests_per_second",
+            ),
+            (
+                r#"{"credential_sources":[]}"#.into(),
+                "credential_sources: must list",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"cookie"}]}"#.into(),
+                "credential_sources[0]",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"header","name":"bad name"}]}"#.into(),
+                "credential_sources[0].name",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"bearer"},{"type":"bearer"}]}"#.into(),
+                "credential_sources[1]: listed twice",
+            ),
+            (
+                r#"{"identity_header":"x-api-key"}"#.into(),
+                "identity_header: must differ",
+            ),
+            (r#"{"max_key_length":0}"#.into(), "max_key_length"),
+            (
+                r#"{"keys":[{"id":"has space","sha256":"00"}]}"#.into(),
+                "keys[0].id",
+            ),
+        ];
+        for (json, want) in cases {
+            let got = errors(&json);
+            assert!(
+                got.iter().any(|e| e.contains(want)),
+                "{json}\n  want {want:?}\n  got {got:?}"
+            );
+        }
+        assert!(first_error(r#"{"keys":[{"id":"a","sha256":"zz"}]}"#).starts_with("keys[0].sha256"));
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let e = errors(
+            r#"{"keys":[{"id":"","sha256":"x"}],"rate_limit":{"requests_per_second":0,"burst":0}}"#,
+        );
+        assert_eq!(e.len(), 4, "{e:?}");
+    }
+
+    #[test]
+    fn decide_rate_limits_per_key_and_fails_closed_on_store_errors() {
+        struct Broken;
+        impl CounterStore for Broken {
+            fn get(&self, _: &str) -> Result<Option<ratelimit::Versioned>, ratelimit::StoreError> {
+                Err(ratelimit::StoreError)
+            }
+            fn set(
+                &self,
+                _: &str,
+                _: &[u8],
+                _: Option<u32>,
+            ) -> Result<bool, ratelimit::StoreError> {
+                Err(ratelimit::StoreError)
+            }
+        }
+        let json = format!(
+            r#"{{"rate_limit":{{"requests_per_second":1,"burst":2}},
+                "keys":[{{"id":"a","sha256":"{}"}},{{"id":"b","sha256":"{}","rate_limit":{{"requests_per_second":1,"burst":1}}}}]}}"#,
+            h("ka"),
+            h("kb")
+        );
+        let p = Policy::from_json(json.as_bytes()).unwrap();
+        let store = crate::ratelimit::tests::MemStore::default();
+        let env = Env {
+            monotonic_ns: 7_000_000_000,
+            counters: &store,
+        };
+        let run = |k: &[u8], env: &Env<'_>| match p
+            .decide(&HeaderMap::from_pairs(vec![(b"x-api-key", k)]), env)
+        {
+            Decision::Allow(_) => "allow",
+            Decision::Deny(d) => d.code.as_str(),
+        };
+        assert_eq!(run(b"ka", &env), "allow");
+        assert_eq!(run(b"ka", &env), "allow");
+        assert_eq!(run(b"ka", &env), "rate_limited");
+        assert_eq!(run(b"kb", &env), "allow");
+        assert_eq!(run(b"kb", &env), "rate_limited");
+        let broken = Env {
+            monotonic_ns: 0,
+            counters: &Broken,
+        };
+        assert_eq!(run(b"ka", &broken), "rate_limited");
+    }
+
+    #[test]
+    fn describe_key_never_shows_the_key() {
+        let p = Policy::from_json(
+            format!(
+                r#"{{"keys":[{{"id":"a","sha256":"{}"}}]}}"#,
+                h("kg_live_0123456789abcdef")
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let d = |k: &[u8]| p.describe_key(&HeaderMap::from_pairs(vec![(b"x-api-key", k)]));
+        assert_eq!(d(b"kg_live_0123456789abcdef"), "id=a");
+        let m = d(b"kg_live_ffffffffffff9999");
+        assert_eq!(m, "masked=kg_l…9999");
+    }
 }
