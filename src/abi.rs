@@ -16,6 +16,8 @@ const CAS_MISMATCH: Status = 8;
 
 /// Header map selector: request headers.
 pub const REQUEST_HEADERS: u32 = 0;
+/// Buffer selector: request body.
+pub const REQUEST_BODY: u32 = 0;
 /// Buffer selector: plugin configuration.
 pub const PLUGIN_CONFIGURATION: u32 = 7;
 
@@ -88,6 +90,13 @@ extern "C" {
         value: *const u8,
         value_size: usize,
     ) -> u32;
+    fn proxy_get_property(
+        path: *const u8,
+        path_size: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+    ) -> u32;
+    fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
 }
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -127,18 +136,44 @@ pub fn log_enabled(level: Level) -> bool {
     s != OK || current <= level as u32
 }
 
-/// The whole plugin configuration buffer.
-pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
+/// Up to `max` bytes of a host buffer, from the start.
+fn buffer(kind: u32, max: usize) -> Result<Vec<u8>, Status> {
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: out-pointers are valid; the host allocates through our allocator.
-    let s = unsafe {
-        proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, &mut data, &mut size)
-    };
+    let s = unsafe { proxy_get_buffer_bytes(kind, 0, max, &mut data, &mut size) };
     match s {
         OK => Ok(unsafe { owned(data, size) }),
         NOT_FOUND => Ok(Vec::new()),
         e => Err(e),
     }
+}
+
+/// The whole plugin configuration buffer.
+pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
+    buffer(PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+/// The buffered request body, up to `max` bytes.
+pub fn request_body(max: usize) -> Result<Vec<u8>, Status> {
+    buffer(REQUEST_BODY, max)
+}
+
+/// An Envoy attribute such as `source.address` (path segments joined by NUL).
+pub fn property(path: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: out-pointers are valid.
+    match unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) } {
+        OK => Ok(Some(unsafe { owned(data, size) })),
+        NOT_FOUND => Ok(None),
+        e => Err(e),
+    }
+}
+
+/// Wall-clock nanoseconds since the Unix epoch.
+pub fn unix_ns() -> Option<u64> {
+    let mut t = 0u64;
+    // SAFETY: `t` is a valid out-pointer.
+    (unsafe { proxy_get_current_time_nanoseconds(&mut t) } == OK).then_some(t)
 }
 
 /// The serialized request header map, decoded later by `keygate_core::headers`.

@@ -1,11 +1,12 @@
 //! The proxy-wasm contexts: configuration in the root, one decision per request.
 
+use std::net::IpAddr;
 use std::rc::Rc;
 
 use keygate_core::headers::{self, HeaderMap};
-use keygate_core::policy::{Decision, Env};
-use keygate_core::ratelimit::ensure_bucket;
-use keygate_core::{reply, Denial, DenyCode, Policy};
+use keygate_core::policy::{parse_source_address, Allowed, Decision, Hold};
+use keygate_core::ratelimit::{ensure_bucket, CounterStore};
+use keygate_core::{reply, Denial, DenyCode, Host, Policy};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -16,6 +17,10 @@ use crate::shared::SharedCounters;
 /// Name of the filter-state value carrying the denial, for access logs
 /// (`%FILTER_STATE(wasm.keygate_denial:PLAIN)%`).
 const FILTER_STATE_DENIAL: &str = "keygate_denial";
+
+/// Buckets are created at configure time for lists up to this size; larger
+/// lists create them on first use.
+const PRECREATE_BUCKETS_UP_TO: usize = 10_000;
 
 /// Per-VM root: owns the compiled policy and the metric ids.
 #[derive(Default)]
@@ -47,12 +52,14 @@ impl RootContext for KeygateRoot {
                 return false;
             }
         };
-        for key in policy.keys().records().iter().filter(|k| k.limit.is_some()) {
-            if ensure_bucket(&SharedCounters, &key.bucket_key).is_err() {
-                abi::log(
-                    Level::Warn,
-                    &format!("cannot create rate-limit bucket for key {:?}", key.id),
-                );
+        if policy.keys().len() <= PRECREATE_BUCKETS_UP_TO {
+            for key in policy.keys().records().iter().filter(|k| k.limit.is_some()) {
+                if ensure_bucket(&SharedCounters, key.bucket_key()).is_err() {
+                    abi::log(
+                        Level::Warn,
+                        &format!("cannot create the bucket of key {:?}", key.id()),
+                    );
+                }
             }
         }
         // Defining a metric again returns the same id, so a reload is harmless.
@@ -69,6 +76,7 @@ impl RootContext for KeygateRoot {
         Some(Box::new(KeygateRequest {
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
+            hold: None,
         }))
     }
 
@@ -77,21 +85,42 @@ impl RootContext for KeygateRoot {
     }
 }
 
+/// The host as the decision sees it: each call is made only if the policy asks.
+struct RequestHost;
+
+impl Host for RequestHost {
+    fn monotonic_ns(&self) -> Option<u64> {
+        abi::monotonic_ns()
+    }
+    fn unix_secs(&self) -> Option<i64> {
+        abi::unix_ns().map(|ns| (ns / 1_000_000_000) as i64)
+    }
+    fn source_ip(&self) -> Option<IpAddr> {
+        let raw = abi::property(b"source\0address").ok()??;
+        parse_source_address(&raw)
+    }
+    fn counters(&self) -> &dyn CounterStore {
+        &SharedCounters
+    }
+}
+
 /// One request's context.
 pub struct KeygateRequest {
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
+    /// Set while the request waits for its body.
+    hold: Option<Hold>,
 }
 
 impl Context for KeygateRequest {}
 
 impl HttpContext for KeygateRequest {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
             // Unreachable in practice: Envoy never runs a plugin whose on_configure failed.
             return self.deny(
                 None,
-                &Denial::new(DenyCode::InvalidApiKey, "no configuration loaded"),
+                &Denial::new(DenyCode::KeyListUnavailable, "no configuration loaded"),
             );
         };
         let raw = match abi::request_header_pairs() {
@@ -109,48 +138,33 @@ impl HttpContext for KeygateRequest {
                 &Denial::new(DenyCode::MalformedApiKey, "header map undecodable"),
             );
         };
-        let Some(now) = abi::monotonic_ns() else {
-            return self.deny(
-                Some(&policy),
-                &Denial::new(DenyCode::RateLimited, "monotonic clock unavailable"),
-            );
-        };
-        let env = Env {
-            monotonic_ns: now,
-            counters: &SharedCounters,
-        };
-        match policy.decide(&map, &env) {
+        match policy.decide(&map, &RequestHost) {
             Decision::Allow(allowed) => {
-                let edits = policy.forward_edits(&map, &allowed);
-                for name in edits
-                    .remove
-                    .iter()
-                    .copied()
-                    .chain(edits.strip.iter().copied())
-                {
-                    let _ = abi::remove_request_header(name);
-                }
-                let (name, id) = edits.identity;
-                if abi::replace_request_header(name.as_bytes(), id.as_bytes()).is_err() {
+                if !apply_edits(&policy, &map, &allowed) {
                     // Forwarding without a trustworthy identity is worse than refusing.
                     return self.deny(
                         Some(&policy),
                         &Denial::new(DenyCode::InvalidApiKey, "identity header not set"),
                     );
                 }
-                self.metrics.allowed();
-                Action::Continue
+                match allowed.body_check {
+                    None => self.allow(),
+                    Some(hold) if end_of_stream => self.finish_body(&policy, hold, &[], false),
+                    Some(hold) => {
+                        self.hold = Some(hold);
+                        Action::Pause
+                    }
+                }
             }
             Decision::Deny(denial) => {
                 if abi::log_enabled(Level::Debug) {
-                    let shown = policy.describe_key(&map);
                     abi::log(
                         Level::Debug,
                         &format!(
                             "denied {} ({}) key={}",
                             denial.code.as_str(),
                             denial.reason,
-                            shown
+                            policy.describe_key(&map)
                         ),
                     );
                 }
@@ -158,9 +172,75 @@ impl HttpContext for KeygateRequest {
             }
         }
     }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let (Some(hold), Some(policy)) = (self.hold, self.policy.clone()) else {
+            return Action::Continue;
+        };
+        if body_size > policy.max_body_bytes() {
+            return self.finish_body(&policy, hold, &[], true);
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.read_and_finish(&policy, hold, body_size)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // With trailers (HTTP/2, gRPC-style) the body never ends with
+        // end_of_stream, so the held decision is made here.
+        let (Some(hold), Some(policy)) = (self.hold, self.policy.clone()) else {
+            return Action::Continue;
+        };
+        self.read_and_finish(&policy, hold, policy.max_body_bytes() + 1)
+    }
+}
+
+/// Strips credentials and spoofed identity copies, sets the identity.
+/// False if the identity could not be set.
+fn apply_edits(policy: &Policy, map: &HeaderMap<'_>, allowed: &Allowed<'_, '_>) -> bool {
+    let edits = policy.forward_edits(map, allowed);
+    for name in edits.remove.iter().chain(edits.strip.iter()) {
+        let _ = abi::remove_request_header(name);
+    }
+    match edits.identity {
+        Some((name, id)) => abi::replace_request_header(name.as_bytes(), id.as_bytes()).is_ok(),
+        None => true,
+    }
 }
 
 impl KeygateRequest {
+    fn allow(&self) -> Action {
+        self.metrics.allowed();
+        Action::Continue
+    }
+
+    fn read_and_finish(&mut self, policy: &Policy, hold: Hold, upto: usize) -> Action {
+        match abi::request_body(upto) {
+            Ok(body) => {
+                let over = body.len() > policy.max_body_bytes();
+                self.finish_body(policy, hold, &body, over)
+            }
+            Err(_) => self.finish_body(policy, hold, &[], false),
+        }
+    }
+
+    fn finish_body(&mut self, policy: &Policy, hold: Hold, body: &[u8], truncated: bool) -> Action {
+        self.hold = None;
+        match policy.decide_body(hold, body, truncated) {
+            Ok(()) => self.allow(),
+            Err(denial) => {
+                if abi::log_enabled(Level::Debug) {
+                    abi::log(
+                        Level::Debug,
+                        &format!("denied {} ({})", denial.code.as_str(), denial.reason),
+                    );
+                }
+                self.deny(Some(policy), &denial)
+            }
+        }
+    }
+
     /// Sends the local reply for `denial`; nothing reaches the backend.
     fn deny(&self, policy: Option<&Policy>, denial: &Denial) -> Action {
         self.metrics.denied(denial.code);

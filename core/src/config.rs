@@ -33,6 +33,110 @@ pub struct Config {
     /// Realm named in `WWW-Authenticate`.
     #[serde(default = "default_realm")]
     pub realm: String,
+    /// Route rules, first match wins.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// What happens to a request that matches no rule.
+    #[serde(default)]
+    pub default_action: DefaultAction,
+    /// Largest request body buffered for a JSON-body attachment check; over it is 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+/// Handling of requests that match no rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultAction {
+    /// A valid key is required (no scope, no attachment).
+    #[default]
+    RequireKey,
+    /// 403 `route_not_allowed`.
+    Deny,
+}
+
+/// What a rule does with a matching request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    /// No key needed.
+    Public,
+    /// A valid key, plus the rule's scope, environment and attachment checks.
+    Require,
+    /// 403 `route_not_allowed`.
+    Deny,
+}
+
+/// One route rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Name used in logs and in the rule's own bucket keys. Default `rules[i]`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Which requests the rule applies to.
+    #[serde(rename = "match", default)]
+    pub matches: MatchConfig,
+    /// What the rule does.
+    pub action: RuleAction,
+    /// The key must hold at least one of these scopes.
+    #[serde(default)]
+    pub scopes_any_of: Vec<String>,
+    /// The key must hold all of these scopes.
+    #[serde(default)]
+    pub scopes_all_of: Vec<String>,
+    /// The key's `environment` must be one of these.
+    #[serde(default)]
+    pub environments: Vec<String>,
+    /// A request value that must be in one of the key's attachment sets.
+    #[serde(default)]
+    pub attachment: Option<AttachmentConfig>,
+    /// Credential sources for this rule instead of the top-level ones.
+    #[serde(default)]
+    pub credential_sources: Option<Vec<SourceConfig>>,
+    /// Rate limit for this rule instead of the key's, in a bucket of its own.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// Request matcher; every present field must match.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Host (`:authority` without port), case-insensitive; `*.example.com` matches subdomains.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path equal to this (query string excluded).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Path starting with this.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Method is one of these.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// The value checked against a key's attachment set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentConfig {
+    /// Name of the key's attachment set, e.g. `campaigns`.
+    pub set: String,
+    /// Where the value comes from.
+    pub from: AttributeConfig,
+}
+
+/// A request attribute.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AttributeConfig {
+    /// A request header.
+    Header(String),
+    /// A query-string parameter.
+    Query(String),
+    /// A JSON body field: a top-level name, or a JSON pointer starting with `/`.
+    JsonBody(String),
 }
 
 /// One credential source.
@@ -61,6 +165,30 @@ pub struct KeyConfig {
     /// This key's own rate limit, overriding the default.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Scopes the key holds, e.g. `ingest`, `read`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// RFC 3339 time after which the key is `expired_api_key`.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// A disabled key is revoked: 401, same public body as an unknown key.
+    #[serde(default)]
+    pub disabled: bool,
+    /// If non-empty, the downstream address must be in one of these CIDRs.
+    #[serde(default)]
+    pub allowed_cidrs: Vec<String>,
+    /// Named sets of values the key is attached to, e.g. `{"campaigns": ["c-17"]}`.
+    #[serde(default)]
+    pub attachments: std::collections::BTreeMap<String, Vec<String>>,
+    /// Free-form label for people (shown in logs and `keygate keys list`).
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Environment such as `live` or `test`, usable in rules.
+    #[serde(default)]
+    pub environment: Option<String>,
+    /// Display form of the key (prefix + last 4), written by `keygate keys create`.
+    #[serde(default)]
+    pub display: Option<String>,
 }
 
 /// A token-bucket rate limit.
@@ -92,6 +220,10 @@ fn default_true() -> bool {
 
 fn default_max_key_length() -> usize {
     256
+}
+
+fn default_max_body_bytes() -> usize {
+    65_536
 }
 
 fn default_realm() -> String {

@@ -28,7 +28,7 @@ impl From<&SourceConfig> for Source {
 }
 
 /// Reads keys from the configured sources. Built once at configure time.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Extractor {
     /// Named headers to read, in configured order.
     headers: Vec<Vec<u8>>,

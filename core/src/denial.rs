@@ -12,18 +12,45 @@ pub enum DenyCode {
     AmbiguousApiKey,
     /// The key's digest is not in the key list.
     InvalidApiKey,
+    /// The key has passed its `expires_at`.
+    ExpiredApiKey,
+    /// A valid key without the route's scope or environment.
+    InsufficientScope,
+    /// A valid key not attached to the value the request names.
+    NotAttached,
+    /// A valid key used from an address outside its `allowed_cidrs`.
+    IpNotAllowed,
+    /// A `deny` rule, or no rule with `default_action: deny`.
+    RouteNotAllowed,
+    /// The attribute an attachment rule reads is absent.
+    MissingAttribute,
+    /// The body an attachment rule reads is not JSON.
+    InvalidJsonBody,
+    /// The body an attachment rule reads is over `max_body_bytes`.
+    BodyTooLarge,
     /// The key's bucket is empty.
     RateLimited,
+    /// No key list loaded yet, or it is too stale (control plane).
+    KeyListUnavailable,
 }
 
 impl DenyCode {
     /// Every code, in README order.
-    pub const ALL: [DenyCode; 5] = [
+    pub const ALL: [DenyCode; 14] = [
         DenyCode::MissingApiKey,
         DenyCode::MalformedApiKey,
         DenyCode::AmbiguousApiKey,
         DenyCode::InvalidApiKey,
+        DenyCode::ExpiredApiKey,
+        DenyCode::InsufficientScope,
+        DenyCode::NotAttached,
+        DenyCode::IpNotAllowed,
+        DenyCode::RouteNotAllowed,
+        DenyCode::MissingAttribute,
+        DenyCode::InvalidJsonBody,
+        DenyCode::BodyTooLarge,
         DenyCode::RateLimited,
+        DenyCode::KeyListUnavailable,
     ];
 
     /// The public code string.
@@ -33,15 +60,35 @@ impl DenyCode {
             DenyCode::MalformedApiKey => "malformed_api_key",
             DenyCode::AmbiguousApiKey => "ambiguous_api_key",
             DenyCode::InvalidApiKey => "invalid_api_key",
+            DenyCode::ExpiredApiKey => "expired_api_key",
+            DenyCode::InsufficientScope => "insufficient_scope",
+            DenyCode::NotAttached => "not_attached",
+            DenyCode::IpNotAllowed => "ip_not_allowed",
+            DenyCode::RouteNotAllowed => "route_not_allowed",
+            DenyCode::MissingAttribute => "missing_attribute",
+            DenyCode::InvalidJsonBody => "invalid_json_body",
+            DenyCode::BodyTooLarge => "body_too_large",
             DenyCode::RateLimited => "rate_limited",
+            DenyCode::KeyListUnavailable => "key_list_unavailable",
         }
     }
 
     /// The HTTP status sent for this code.
     pub const fn status(self) -> u16 {
         match self {
+            DenyCode::MissingApiKey
+            | DenyCode::MalformedApiKey
+            | DenyCode::AmbiguousApiKey
+            | DenyCode::InvalidApiKey
+            | DenyCode::ExpiredApiKey => 401,
+            DenyCode::InsufficientScope
+            | DenyCode::NotAttached
+            | DenyCode::IpNotAllowed
+            | DenyCode::RouteNotAllowed => 403,
+            DenyCode::MissingAttribute | DenyCode::InvalidJsonBody => 400,
+            DenyCode::BodyTooLarge => 413,
             DenyCode::RateLimited => 429,
-            _ => 401,
+            DenyCode::KeyListUnavailable => 503,
         }
     }
 
@@ -54,7 +101,20 @@ impl DenyCode {
             }
             DenyCode::AmbiguousApiKey => "Send exactly one API key, in one header.",
             DenyCode::InvalidApiKey => "The API key is not valid.",
+            DenyCode::ExpiredApiKey => "The API key has expired.",
+            DenyCode::InsufficientScope => "The API key does not have permission for this action.",
+            DenyCode::NotAttached => {
+                "The API key is not attached to the resource named in the request."
+            }
+            DenyCode::IpNotAllowed => "The API key may not be used from this address.",
+            DenyCode::RouteNotAllowed => "This route is not available.",
+            DenyCode::MissingAttribute => {
+                "The request does not name the resource this endpoint needs."
+            }
+            DenyCode::InvalidJsonBody => "The request body is not valid JSON.",
+            DenyCode::BodyTooLarge => "The request body is too large.",
             DenyCode::RateLimited => "Too many requests for this API key; retry later.",
+            DenyCode::KeyListUnavailable => "The API key list is not available yet; retry shortly.",
         }
     }
 }

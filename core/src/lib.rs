@@ -12,6 +12,8 @@ pub mod keys;
 pub mod policy;
 pub mod ratelimit;
 pub mod reply;
+pub mod rules;
+pub mod testing;
 
 pub use denial::{Denial, DenyCode};
-pub use policy::{ConfigError, Decision, Policy};
+pub use policy::{ConfigError, Decision, Host, Policy};

@@ -3,16 +3,20 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::net::IpAddr;
 
-use crate::config::{Config, RateLimitConfig, SourceConfig};
+use crate::config::{
+    Config, DefaultAction, KeyConfig, RateLimitConfig, RuleAction, RuleConfig, SourceConfig,
+};
 use crate::credential::{Credential, Extractor, Source};
 use crate::denial::{Denial, DenyCode, RateInfo};
 use crate::headers::HeaderMap;
-use crate::keys::{parse_digest, KeyRecord, KeyStore};
+use crate::keys::{parse_digest, KeyMeta, KeyRecord, KeyStore, BUCKET_PREFIX};
 use crate::ratelimit::{self, CounterStore, Limit, TakeError};
-
-/// Prefix of every bucket key in shared data.
-pub const BUCKET_PREFIX: &str = "keygate/rl/";
+use crate::rules::{
+    read_json_body, AttachmentCheck, Attribute, BodyValue, Effect, Matcher, RequestLine,
+    Requirement, Rule,
+};
 
 /// A configuration problem, naming the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,54 +40,73 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// What the decision may ask of the host. The filter implements it with
+/// proxy-wasm calls made only when needed; tests use a fake.
+pub trait Host {
+    /// Monotonic nanoseconds (rate arithmetic). `None` fails closed.
+    fn monotonic_ns(&self) -> Option<u64>;
+    /// Wall-clock Unix seconds (key expiry). `None` fails closed.
+    fn unix_secs(&self) -> Option<i64>;
+    /// Envoy's downstream address (`source.address`). `None` fails closed.
+    fn source_ip(&self) -> Option<IpAddr>;
+    /// Bucket storage.
+    fn counters(&self) -> &dyn CounterStore;
+}
+
 /// The validated, indexed form of a [`Config`].
 #[derive(Debug, Clone)]
 pub struct Policy {
     extractor: Extractor,
     keys: KeyStore,
+    rules: Vec<Rule>,
+    default_action: DefaultAction,
     identity_header: String,
     strip_credentials: bool,
     www_authenticate: String,
+    max_body_bytes: usize,
 }
 
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision<'p, 'h> {
-    /// Forward it, after applying [`Policy::forward_edits`].
+    /// Forward it, after applying [`Policy::forward_edits`]; if
+    /// [`Allowed::body_check`] is set, hold it until [`Policy::decide_body`].
     Allow(Allowed<'p, 'h>),
     /// Answer locally with [`crate::reply::render`].
     Deny(Denial),
 }
 
-/// An admitted request.
+/// An admitted request (so far, if a body check remains).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Allowed<'p, 'h> {
-    /// The matched key.
-    pub key: &'p KeyRecord,
-    /// Where the key was found.
-    pub credential: Credential<'h>,
+    /// The matched key; `None` on a public route.
+    pub key: Option<&'p KeyRecord>,
+    /// Where the key was found, and which extractor found it.
+    pub credential: Option<(Credential<'h>, &'p Extractor)>,
     /// Bucket figures after this request, if the key is limited.
     pub rate: Option<RateInfo>,
+    /// A JSON body attachment check still to pass, for [`Policy::decide_body`].
+    pub body_check: Option<Hold>,
+}
+
+/// A request held for its body: which key and which rule, by position, so
+/// the filter can keep it across callbacks without borrowing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    record: u32,
+    rule: u32,
 }
 
 /// Header changes to make before forwarding an allowed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Edits<'p, 'h> {
-    /// Headers to remove (credential carriers, spoofed identity variants).
+    /// Client copies of the identity header (any case, `_` for `-`) to remove.
     pub remove: Vec<&'h [u8]>,
-    /// The identity header and its value (replaces any client copy).
-    pub identity: (&'p str, &'p str),
-    /// Stripped credential carriers that are not in `remove` because they
-    /// are named by the policy rather than the request.
+    /// Credential headers to remove.
     pub strip: Vec<&'p [u8]>,
-}
-
-/// Environment the decision reads: time and the shared bucket store.
-pub struct Env<'s> {
-    /// Monotonic nanoseconds, for rate arithmetic.
-    pub monotonic_ns: u64,
-    /// Bucket storage.
-    pub counters: &'s dyn CounterStore,
+    /// The identity header and its value (replaces any client copy); `None`
+    /// on public routes.
+    pub identity: Option<(&'p str, &'p str)>,
 }
 
 impl Policy {
@@ -105,33 +128,12 @@ impl Policy {
     /// Validates `cfg` and builds the indexes. Returns every problem found.
     pub fn compile(cfg: &Config) -> Result<Policy, Vec<ConfigError>> {
         let mut errors = Vec::new();
-
-        if cfg.credential_sources.is_empty() {
-            errors.push(err("credential_sources", "must list at least one source"));
-        }
-        let mut seen_sources = HashSet::new();
-        for (i, s) in cfg.credential_sources.iter().enumerate() {
-            let field = format!("credential_sources[{i}]");
-            if let SourceConfig::Header { name } = s {
-                if !is_header_name(name) {
-                    errors.push(err(
-                        format!("{field}.name"),
-                        format!("{name:?} is not a valid header name"),
-                    ));
-                } else if name.eq_ignore_ascii_case("authorization") {
-                    errors.push(err(
-                        format!("{field}.name"),
-                        "use {\"type\":\"bearer\"} or {\"type\":\"bare\"} for Authorization",
-                    ));
-                }
-            }
-            if !seen_sources.insert(Source::from(s)) {
-                errors.push(err(field, "listed twice"));
-            }
-        }
-        if cfg.credential_sources.len() > 16 {
-            errors.push(err("credential_sources", "at most 16 sources"));
-        }
+        let extractor = compile_sources(
+            &cfg.credential_sources,
+            "credential_sources",
+            cfg,
+            &mut errors,
+        );
 
         let identity = cfg.identity_header.to_ascii_lowercase();
         if !is_header_name(&identity) {
@@ -140,9 +142,18 @@ impl Policy {
                 format!("{:?} is not a valid header name", cfg.identity_header),
             ));
         }
-        if cfg.credential_sources.iter().any(
-            |s| matches!(s, SourceConfig::Header { name } if name.eq_ignore_ascii_case(&identity)),
-        ) || identity == "authorization"
+        let credential_header = |sources: &[SourceConfig]| {
+            sources
+                .iter()
+                .any(|s| matches!(s, SourceConfig::Header { name } if name.eq_ignore_ascii_case(&identity)))
+        };
+        if credential_header(&cfg.credential_sources)
+            || cfg.rules.iter().any(|r| {
+                r.credential_sources
+                    .as_deref()
+                    .is_some_and(credential_header)
+            })
+            || identity == "authorization"
         {
             errors.push(err(
                 "identity_header",
@@ -171,70 +182,19 @@ impl Policy {
                 "must be non-empty printable ASCII without quotes",
             ));
         }
+        if !(1..=16 * 1024 * 1024).contains(&cfg.max_body_bytes) {
+            errors.push(err("max_body_bytes", "must be between 1 and 16777216"));
+        }
 
         let default_limit = cfg
             .rate_limit
             .as_ref()
             .and_then(|l| compile_limit(l, "rate_limit", &mut errors));
+        let keys = compile_keys(&cfg.keys, default_limit, &mut errors);
+        let rules = compile_rules(cfg, &mut errors);
 
-        let mut ids = HashSet::new();
-        let mut entries = Vec::with_capacity(cfg.keys.len());
-        for (i, k) in cfg.keys.iter().enumerate() {
-            let field = format!("keys[{i}]");
-            if k.id.is_empty()
-                || k.id.len() > 128
-                || !k.id.bytes().all(|b| (0x21..=0x7e).contains(&b))
-            {
-                errors.push(err(
-                    format!("{field}.id"),
-                    "must be 1-128 visible ASCII characters",
-                ));
-            } else if !ids.insert(k.id.as_str()) {
-                errors.push(err(
-                    format!("{field}.id"),
-                    format!("duplicate id {:?}", k.id),
-                ));
-            }
-            let digest = parse_digest(&k.sha256);
-            if digest.is_none() {
-                errors.push(err(
-                    format!("{field}.sha256"),
-                    "must be 64 hex characters (the SHA-256 of the key, never the key)",
-                ));
-            }
-            let own = k
-                .rate_limit
-                .as_ref()
-                .and_then(|l| compile_limit(l, &format!("{field}.rate_limit"), &mut errors));
-            if let Some(d) = digest {
-                entries.push((
-                    d,
-                    KeyRecord {
-                        id: k.id.clone(),
-                        limit: own.or(default_limit),
-                        bucket_key: format!("{BUCKET_PREFIX}{}", k.id),
-                    },
-                ));
-            }
-        }
-        let keys = match KeyStore::build(entries) {
-            Ok(store) => Some(store),
-            Err(dups) => {
-                for id in dups {
-                    errors.push(err(
-                        "keys",
-                        format!("key {id:?} has the same sha256 as another key"),
-                    ));
-                }
-                None
-            }
-        };
-
-        match (errors.is_empty(), keys) {
-            (true, Some(keys)) => {
-                let sources: Vec<Source> =
-                    cfg.credential_sources.iter().map(Source::from).collect();
-                let extractor = Extractor::new(&sources, cfg.max_key_length, &cfg.key_prefixes);
+        match (errors.is_empty(), keys, extractor) {
+            (true, Some(keys), Some(extractor)) => {
                 let www_authenticate = if extractor.accepts_bearer() {
                     format!("Bearer realm=\"{}\"", cfg.realm)
                 } else {
@@ -243,9 +203,12 @@ impl Policy {
                 Ok(Policy {
                     extractor,
                     keys,
+                    rules,
+                    default_action: cfg.default_action,
                     identity_header: identity,
                     strip_credentials: cfg.strip_credentials,
                     www_authenticate,
+                    max_body_bytes: cfg.max_body_bytes,
                 })
             }
             _ => Err(errors),
@@ -262,102 +225,568 @@ impl Policy {
         &self.www_authenticate
     }
 
+    /// Largest body buffered for a JSON-body check.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
     /// How the request's key may appear in a log line: `id=<id>` for a known
     /// key, `masked=<first4…last4>` otherwise, `-` without a usable key.
     /// Never the key itself. Meant for denied requests at debug level.
     pub fn describe_key(&self, headers: &HeaderMap<'_>) -> String {
-        match self.extractor.extract(headers) {
+        let line = RequestLine::from_headers(headers);
+        let extractor = match self.rule_index_for(&line).map(|(_, r)| &r.effect) {
+            Some(Effect::Require(req)) => req.extractor.as_ref().unwrap_or(&self.extractor),
+            _ => &self.extractor,
+        };
+        match extractor.extract(headers) {
             Ok(c) => match self.keys.lookup(c.key) {
-                Some(k) => format!("id={}", k.id),
+                Some(k) => format!("id={}", k.id()),
                 None => format!("masked={}", crate::credential::mask(c.key)),
             },
             Err(_) => "-".to_string(),
         }
     }
 
-    /// Decides one request from its headers.
-    pub fn decide<'p, 'h>(&'p self, headers: &HeaderMap<'h>, env: &Env<'_>) -> Decision<'p, 'h> {
-        let credential = match self.extractor.extract(headers) {
-            Ok(c) => c,
-            Err(d) => return Decision::Deny(d),
+    fn rule_index_for(&self, line: &RequestLine<'_>) -> Option<(u32, &Rule)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matcher.matches(line))
+            .map(|(i, r)| (i as u32, r))
+    }
+
+    /// Decides a request from its headers. A JSON-body attachment check, if
+    /// the route has one, is left in [`Allowed::body_check`].
+    pub fn decide<'p, 'h>(&'p self, headers: &HeaderMap<'h>, host: &dyn Host) -> Decision<'p, 'h> {
+        let line = RequestLine::from_headers(headers);
+        let (requirement, rule_index) = match self.rule_index_for(&line) {
+            Some((_, rule)) if matches!(rule.effect, Effect::Public) => {
+                return Decision::Allow(Allowed {
+                    key: None,
+                    credential: None,
+                    rate: None,
+                    body_check: None,
+                })
+            }
+            Some((i, rule)) => match &rule.effect {
+                Effect::Require(req) => (Some(&**req), Some(i)),
+                _ => {
+                    return Decision::Deny(Denial::new(
+                        DenyCode::RouteNotAllowed,
+                        "rule denies this route",
+                    ))
+                }
+            },
+            None if self.default_action == DefaultAction::Deny => {
+                return Decision::Deny(Denial::new(
+                    DenyCode::RouteNotAllowed,
+                    "no rule matches this route",
+                ))
+            }
+            None => (None, None),
         };
-        let Some(key) = self.keys.lookup(credential.key) else {
-            return Decision::Deny(Denial::new(DenyCode::InvalidApiKey, "unknown key"));
-        };
-        let rate = match &key.limit {
-            None => None,
-            Some(limit) => {
-                match ratelimit::take_shared(env.counters, &key.bucket_key, limit, env.monotonic_ns)
-                {
-                    Ok(o) if o.allowed => Some(o.info),
-                    Ok(o) => {
-                        return Decision::Deny(Denial {
-                            code: DenyCode::RateLimited,
-                            reason: "bucket empty",
-                            rate: Some(o.info),
-                        })
-                    }
-                    Err(e) => {
-                        let reason = match e {
-                            TakeError::Contention => "bucket update contention (failing closed)",
-                            TakeError::Store => "bucket store error (failing closed)",
-                        };
-                        return Decision::Deny(Denial {
-                            code: DenyCode::RateLimited,
-                            reason,
-                            rate: Some(RateInfo {
-                                burst: limit.burst,
-                                window_secs: limit.window_secs(),
-                                remaining: 0,
-                                retry_after_secs: 1,
-                            }),
-                        });
-                    }
+        match self.authorize(headers, &line, requirement, rule_index, host) {
+            Ok(a) => Decision::Allow(a),
+            Err(d) => Decision::Deny(d),
+        }
+    }
+
+    fn authorize<'p, 'h>(
+        &'p self,
+        headers: &HeaderMap<'h>,
+        line: &RequestLine<'h>,
+        requirement: Option<&'p Requirement>,
+        rule_index: Option<u32>,
+        host: &dyn Host,
+    ) -> Result<Allowed<'p, 'h>, Denial> {
+        let extractor = requirement
+            .and_then(|r| r.extractor.as_ref())
+            .unwrap_or(&self.extractor);
+        let credential = extractor.extract(headers)?;
+        let (record, key) = self
+            .keys
+            .get(&crate::keys::digest(credential.key))
+            .ok_or(Denial::new(DenyCode::InvalidApiKey, "unknown key"))?;
+        let meta = key.meta();
+        if meta.disabled {
+            // Same public code as an unknown key: a client cannot tell them apart.
+            return Err(Denial::new(DenyCode::InvalidApiKey, "revoked key"));
+        }
+        if let Some(exp) = meta.expires_at {
+            if host.unix_secs().is_none_or(|now| now >= exp) {
+                return Err(Denial::new(DenyCode::ExpiredApiKey, "key expired"));
+            }
+        }
+        if !meta.allowed_cidrs.is_empty() {
+            let permitted = host
+                .source_ip()
+                .is_some_and(|ip| meta.allowed_cidrs.iter().any(|n| n.contains(&ip)));
+            if !permitted {
+                return Err(Denial::new(
+                    DenyCode::IpNotAllowed,
+                    "source address outside allowed_cidrs",
+                ));
+            }
+        }
+        let mut body_check = None;
+        if let (Some(req), Some(rule)) = (requirement, rule_index) {
+            if !req.permits(&meta.scopes, meta.environment.as_deref()) {
+                return Err(Denial::new(
+                    DenyCode::InsufficientScope,
+                    "key lacks the rule's scope or environment",
+                ));
+            }
+            if let Some(AttachmentCheck { set, attribute }) = &req.attachment {
+                if attribute.needs_body() {
+                    body_check = Some(Hold { record, rule });
+                } else {
+                    let value = attribute
+                        .read_from_request(headers, line)
+                        .ok_or(Denial::new(
+                            DenyCode::MissingAttribute,
+                            "attachment attribute absent",
+                        ))?;
+                    check_attached(meta, set, &value)?;
                 }
             }
+        }
+        // The rate limit is taken after every header-level check and before
+        // any body is buffered, so a flood is refused without buffering.
+        let rate = match (requirement.and_then(|r| r.limit.as_ref()), &key.limit) {
+            (Some((limit, prefix)), _) => {
+                let bucket = format!("{prefix}{}", key.id());
+                take(host, &bucket, limit)?
+            }
+            (None, Some(limit)) => take(host, key.bucket_key(), limit)?,
+            (None, None) => None,
         };
-        Decision::Allow(Allowed {
-            key,
-            credential,
+        Ok(Allowed {
+            key: Some(key),
+            credential: Some((credential, extractor)),
             rate,
+            body_check,
         })
+    }
+
+    /// Finishes a held request: reads the attachment value from the buffered
+    /// JSON body and checks it against the key. `truncated` means the body
+    /// went over `max_body_bytes`.
+    pub fn decide_body(&self, hold: Hold, body: &[u8], truncated: bool) -> Result<(), Denial> {
+        let key = self.keys.records().get(hold.record as usize);
+        let check = self
+            .rules
+            .get(hold.rule as usize)
+            .and_then(|r| match &r.effect {
+                Effect::Require(req) => req.attachment.as_ref(),
+                _ => None,
+            });
+        let (
+            Some(key),
+            Some(AttachmentCheck {
+                set,
+                attribute: Attribute::JsonBody(pointer),
+            }),
+        ) = (key, check)
+        else {
+            return Err(Denial::new(
+                DenyCode::NotAttached,
+                "held request lost its rule",
+            ));
+        };
+        if truncated || body.len() > self.max_body_bytes {
+            return Err(Denial::new(
+                DenyCode::BodyTooLarge,
+                "body over max_body_bytes",
+            ));
+        }
+        match read_json_body(body, pointer) {
+            BodyValue::Found(v) => check_attached(key.meta(), set, &v),
+            BodyValue::NotJson => Err(Denial::new(
+                DenyCode::InvalidJsonBody,
+                "request body is not JSON",
+            )),
+            BodyValue::Missing => Err(Denial::new(
+                DenyCode::MissingAttribute,
+                "attachment field absent from body",
+            )),
+        }
     }
 
     /// The header edits for an allowed request: strip the credential (if
     /// configured) and every client copy of the identity header, including
-    /// case and underscore variants, then set the identity.
+    /// case and underscore variants, then set the identity (not on public routes).
     pub fn forward_edits<'p, 'h>(
         &'p self,
         headers: &HeaderMap<'h>,
         allowed: &Allowed<'p, 'h>,
     ) -> Edits<'p, 'h> {
+        let identity = allowed.key.map(|k| (self.identity_header.as_str(), k.id()));
         let mut remove: Vec<&'h [u8]> = Vec::new();
         for (name, _) in headers.iter() {
-            if name != self.identity_header.as_bytes()
+            // With an identity to set, the exact name is replaced, not removed.
+            let exact = name == self.identity_header.as_bytes();
+            if (identity.is_none() || !exact)
                 && same_header(name, self.identity_header.as_bytes())
                 && !remove.contains(&name)
             {
                 remove.push(name);
             }
         }
-        let strip = if self.strip_credentials {
-            self.extractor.carrier_names(&allowed.credential).collect()
-        } else {
-            Vec::new()
+        let strip = match (&allowed.credential, self.strip_credentials) {
+            (Some((c, extractor)), true) => extractor.carrier_names(c).collect(),
+            _ => Vec::new(),
         };
         Edits {
             remove,
-            identity: (self.identity_header.as_str(), allowed.key.id.as_str()),
             strip,
+            identity,
         }
+    }
+}
+
+fn check_attached(meta: &KeyMeta, set: &str, value: &str) -> Result<(), Denial> {
+    if meta.attached(set, value) {
+        Ok(())
+    } else {
+        Err(Denial::new(
+            DenyCode::NotAttached,
+            "value not in the key's attachment set",
+        ))
+    }
+}
+
+fn take(host: &dyn Host, bucket: &str, limit: &Limit) -> Result<Option<RateInfo>, Denial> {
+    let closed = |reason| Denial {
+        code: DenyCode::RateLimited,
+        reason,
+        rate: Some(RateInfo {
+            burst: limit.burst,
+            window_secs: limit.window_secs(),
+            remaining: 0,
+            retry_after_secs: 1,
+        }),
+    };
+    let now = host
+        .monotonic_ns()
+        .ok_or(closed("monotonic clock unavailable (failing closed)"))?;
+    match ratelimit::take_shared(host.counters(), bucket, limit, now) {
+        Ok(o) if o.allowed => Ok(Some(o.info)),
+        Ok(o) => Err(Denial {
+            code: DenyCode::RateLimited,
+            reason: "bucket empty",
+            rate: Some(o.info),
+        }),
+        Err(TakeError::Contention) => Err(closed("bucket update contention (failing closed)")),
+        Err(TakeError::Store) => Err(closed("bucket store error (failing closed)")),
+    }
+}
+
+fn compile_sources(
+    sources: &[SourceConfig],
+    path: &str,
+    cfg: &Config,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Extractor> {
+    let before = errors.len();
+    if sources.is_empty() {
+        errors.push(err(path, "must list at least one source"));
+    }
+    if sources.len() > 16 {
+        errors.push(err(path, "at most 16 sources"));
+    }
+    let mut seen = HashSet::new();
+    for (i, s) in sources.iter().enumerate() {
+        let field = format!("{path}[{i}]");
+        if let SourceConfig::Header { name } = s {
+            if !is_header_name(name) {
+                errors.push(err(
+                    format!("{field}.name"),
+                    format!("{name:?} is not a valid header name"),
+                ));
+            } else if name.eq_ignore_ascii_case("authorization") {
+                errors.push(err(
+                    format!("{field}.name"),
+                    "use {\"type\":\"bearer\"} or {\"type\":\"bare\"} for Authorization",
+                ));
+            }
+        }
+        if !seen.insert(Source::from(s)) {
+            errors.push(err(field, "listed twice"));
+        }
+    }
+    (errors.len() == before).then(|| {
+        let compiled: Vec<Source> = sources.iter().map(Source::from).collect();
+        Extractor::new(&compiled, cfg.max_key_length, &cfg.key_prefixes)
+    })
+}
+
+fn compile_keys(
+    keys: &[KeyConfig],
+    default_limit: Option<Limit>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<KeyStore> {
+    let mut ids = HashSet::new();
+    let mut entries = Vec::with_capacity(keys.len());
+    for (i, k) in keys.iter().enumerate() {
+        let field = format!("keys[{i}]");
+        if k.id.is_empty() || k.id.len() > 128 || !k.id.bytes().all(|b| (0x21..=0x7e).contains(&b))
+        {
+            errors.push(err(
+                format!("{field}.id"),
+                "must be 1-128 visible ASCII characters",
+            ));
+        } else if !ids.insert(k.id.as_str()) {
+            errors.push(err(
+                format!("{field}.id"),
+                format!("duplicate id {:?}", k.id),
+            ));
+        }
+        let digest = parse_digest(&k.sha256);
+        if digest.is_none() {
+            errors.push(err(
+                format!("{field}.sha256"),
+                "must be 64 hex characters (the SHA-256 of the key, never the key)",
+            ));
+        }
+        let own = k
+            .rate_limit
+            .as_ref()
+            .and_then(|l| compile_limit(l, &format!("{field}.rate_limit"), errors));
+        let meta = compile_meta(k, &field, errors);
+        if let Some(d) = digest {
+            entries.push((d, KeyRecord::new(&k.id, own.or(default_limit), meta)));
+        }
+    }
+    match KeyStore::build(entries) {
+        Ok(store) => Some(store),
+        Err(dups) => {
+            for id in dups {
+                errors.push(err(
+                    "keys",
+                    format!("key {id:?} has the same sha256 as another key"),
+                ));
+            }
+            None
+        }
+    }
+}
+
+fn compile_meta(k: &KeyConfig, field: &str, errors: &mut Vec<ConfigError>) -> KeyMeta {
+    let expires_at = k.expires_at.as_ref().and_then(|t| {
+        match time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339) {
+            Ok(dt) => Some(dt.unix_timestamp()),
+            Err(e) => {
+                errors.push(err(
+                    format!("{field}.expires_at"),
+                    format!("not an RFC 3339 timestamp: {e}"),
+                ));
+                None
+            }
+        }
+    });
+    let mut allowed_cidrs = Vec::new();
+    for (j, c) in k.allowed_cidrs.iter().enumerate() {
+        match parse_cidr(c) {
+            Some(net) => allowed_cidrs.push(net),
+            None => errors.push(err(
+                format!("{field}.allowed_cidrs[{j}]"),
+                format!("{c:?} is not an IP address or CIDR"),
+            )),
+        }
+    }
+    for (j, s) in k.scopes.iter().enumerate() {
+        if !is_word(s) {
+            errors.push(err(
+                format!("{field}.scopes[{j}]"),
+                "must be 1-64 visible ASCII characters",
+            ));
+        }
+    }
+    if let Some(env) = &k.environment {
+        if !is_word(env) {
+            errors.push(err(
+                format!("{field}.environment"),
+                "must be 1-64 visible ASCII characters",
+            ));
+        }
+    }
+    let attachments = k
+        .attachments
+        .iter()
+        .map(|(name, values)| {
+            let mut v = values.clone();
+            v.sort_unstable();
+            v.dedup();
+            (name.clone(), v)
+        })
+        .collect();
+    KeyMeta {
+        scopes: k.scopes.clone(),
+        expires_at,
+        disabled: k.disabled,
+        allowed_cidrs,
+        attachments,
+        environment: k.environment.clone(),
+    }
+}
+
+fn compile_rules(cfg: &Config, errors: &mut Vec<ConfigError>) -> Vec<Rule> {
+    let mut names = HashSet::new();
+    let mut rules = Vec::with_capacity(cfg.rules.len());
+    for (i, r) in cfg.rules.iter().enumerate() {
+        let field = format!("rules[{i}]");
+        let name = r.name.clone().unwrap_or_else(|| format!("rules[{i}]"));
+        if !is_word(&name) || name.contains('/') {
+            errors.push(err(
+                format!("{field}.name"),
+                "must be 1-64 visible ASCII characters without '/'",
+            ));
+        } else if !names.insert(name.clone()) {
+            errors.push(err(
+                format!("{field}.name"),
+                format!("duplicate rule name {name:?}"),
+            ));
+        }
+        let m = &r.matches;
+        if m.path.is_some() && m.path_prefix.is_some() {
+            errors.push(err(
+                format!("{field}.match"),
+                "give path or path_prefix, not both",
+            ));
+        }
+        for (key, p) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+            if p.as_ref().is_some_and(|p| !p.starts_with('/')) {
+                errors.push(err(format!("{field}.match.{key}"), "must start with '/'"));
+            }
+        }
+        for (j, method) in m.methods.iter().enumerate() {
+            if !is_header_name(method) {
+                errors.push(err(
+                    format!("{field}.match.methods[{j}]"),
+                    "not an HTTP method",
+                ));
+            }
+        }
+        if m.host
+            .as_ref()
+            .is_some_and(|h| h.is_empty() || (h.contains('*') && !h.starts_with("*.")))
+        {
+            errors.push(err(
+                format!("{field}.match.host"),
+                "must be a host name or *.suffix",
+            ));
+        }
+        let effect = match r.action {
+            RuleAction::Public | RuleAction::Deny => {
+                if has_requirements(r) {
+                    errors.push(err(
+                        format!("{field}.action"),
+                        "public and deny rules take no scopes, environments, attachment, credential_sources or rate_limit",
+                    ));
+                }
+                if r.action == RuleAction::Public {
+                    Effect::Public
+                } else {
+                    Effect::Deny
+                }
+            }
+            RuleAction::Require => {
+                Effect::Require(Box::new(compile_requirement(r, &name, &field, cfg, errors)))
+            }
+        };
+        rules.push(Rule {
+            name,
+            matcher: Matcher::new(m),
+            effect,
+        });
+    }
+    rules
+}
+
+fn has_requirements(r: &RuleConfig) -> bool {
+    !r.scopes_any_of.is_empty()
+        || !r.scopes_all_of.is_empty()
+        || !r.environments.is_empty()
+        || r.attachment.is_some()
+        || r.credential_sources.is_some()
+        || r.rate_limit.is_some()
+}
+
+fn compile_requirement(
+    r: &RuleConfig,
+    name: &str,
+    field: &str,
+    cfg: &Config,
+    errors: &mut Vec<ConfigError>,
+) -> Requirement {
+    for (list, key) in [
+        (&r.scopes_any_of, "scopes_any_of"),
+        (&r.scopes_all_of, "scopes_all_of"),
+        (&r.environments, "environments"),
+    ] {
+        for (j, s) in list.iter().enumerate() {
+            if !is_word(s) {
+                errors.push(err(
+                    format!("{field}.{key}[{j}]"),
+                    "must be 1-64 visible ASCII characters",
+                ));
+            }
+        }
+    }
+    let attachment = r.attachment.as_ref().map(|a| {
+        if !is_word(&a.set) {
+            errors.push(err(
+                format!("{field}.attachment.set"),
+                "must be 1-64 visible ASCII characters",
+            ));
+        }
+        let attribute = Attribute::from(&a.from);
+        match &attribute {
+            Attribute::Header(h) if !is_header_name(&String::from_utf8_lossy(h)) => {
+                errors.push(err(
+                    format!("{field}.attachment.from.header"),
+                    "not a valid header name",
+                ))
+            }
+            Attribute::Query(q) if q.is_empty() => errors.push(err(
+                format!("{field}.attachment.from.query"),
+                "must not be empty",
+            )),
+            Attribute::JsonBody(p) if p.len() < 2 => errors.push(err(
+                format!("{field}.attachment.from.json_body"),
+                "must name a field",
+            )),
+            _ => {}
+        }
+        AttachmentCheck {
+            set: a.set.clone(),
+            attribute,
+        }
+    });
+    let extractor = r
+        .credential_sources
+        .as_ref()
+        .and_then(|s| compile_sources(s, &format!("{field}.credential_sources"), cfg, errors));
+    let limit = r
+        .rate_limit
+        .as_ref()
+        .and_then(|l| compile_limit(l, &format!("{field}.rate_limit"), errors))
+        .map(|l| (l, format!("{BUCKET_PREFIX}{name}/")));
+    Requirement {
+        scopes_any_of: r.scopes_any_of.clone(),
+        scopes_all_of: r.scopes_all_of.clone(),
+        environments: r.environments.clone(),
+        attachment,
+        extractor,
+        limit,
     }
 }
 
 fn compile_limit(l: &RateLimitConfig, field: &str, errors: &mut Vec<ConfigError>) -> Option<Limit> {
     let mut ok = true;
     if !(l.requests_per_second.is_finite()
-        && l.requests_per_second >= 0.001
-        && l.requests_per_second <= 1_000_000.0)
+        && (0.001..=1_000_000.0).contains(&l.requests_per_second))
     {
         errors.push(err(
             format!("{field}.requests_per_second"),
@@ -373,6 +802,26 @@ fn compile_limit(l: &RateLimitConfig, field: &str, errors: &mut Vec<ConfigError>
         ok = false;
     }
     ok.then(|| Limit::new(l.requests_per_second, l.burst as u64))
+}
+
+/// An address (`10.0.0.1`) or a network (`10.0.0.0/8`).
+fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// Envoy's `source.address` (`1.2.3.4:5678`, `[::1]:5678`) to an IP.
+pub fn parse_source_address(raw: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(raw).ok()?;
+    s.parse::<std::net::SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| s.parse::<IpAddr>())
+        .ok()
+}
+
+fn is_word(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
 /// HTTP token characters only (RFC 9110), not a pseudo-header.
@@ -401,6 +850,7 @@ fn same_header(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::keys::digest;
+    use crate::testing::FakeHost;
 
     fn h(k: &str) -> String {
         hex::encode(digest(k.as_bytes()))
@@ -541,28 +991,35 @@ mod tests {
             h("ka"),
             h("kb")
         );
+        struct BrokenHost(Broken);
+        impl Host for BrokenHost {
+            fn monotonic_ns(&self) -> Option<u64> {
+                Some(1)
+            }
+            fn unix_secs(&self) -> Option<i64> {
+                None
+            }
+            fn source_ip(&self) -> Option<IpAddr> {
+                None
+            }
+            fn counters(&self) -> &dyn CounterStore {
+                &self.0
+            }
+        }
         let p = Policy::from_json(json.as_bytes()).unwrap();
-        let store = crate::ratelimit::tests::MemStore::default();
-        let env = Env {
-            monotonic_ns: 7_000_000_000,
-            counters: &store,
-        };
-        let run = |k: &[u8], env: &Env<'_>| match p
-            .decide(&HeaderMap::from_pairs(vec![(b"x-api-key", k)]), env)
+        let host = FakeHost::default();
+        let run = |k: &[u8], host: &dyn Host| match p
+            .decide(&HeaderMap::from_pairs(vec![(b"x-api-key", k)]), host)
         {
             Decision::Allow(_) => "allow",
             Decision::Deny(d) => d.code.as_str(),
         };
-        assert_eq!(run(b"ka", &env), "allow");
-        assert_eq!(run(b"ka", &env), "allow");
-        assert_eq!(run(b"ka", &env), "rate_limited");
-        assert_eq!(run(b"kb", &env), "allow");
-        assert_eq!(run(b"kb", &env), "rate_limited");
-        let broken = Env {
-            monotonic_ns: 0,
-            counters: &Broken,
-        };
-        assert_eq!(run(b"ka", &broken), "rate_limited");
+        assert_eq!(run(b"ka", &host), "allow");
+        assert_eq!(run(b"ka", &host), "allow");
+        assert_eq!(run(b"ka", &host), "rate_limited");
+        assert_eq!(run(b"kb", &host), "allow");
+        assert_eq!(run(b"kb", &host), "rate_limited");
+        assert_eq!(run(b"ka", &BrokenHost(Broken)), "rate_limited");
     }
 
     #[test]

@@ -142,15 +142,22 @@ pub fn take_shared(
 ) -> Result<Outcome, TakeError> {
     for _ in 0..MAX_CAS_RETRIES {
         let (tat, cas) = match store.get(key) {
-            Ok(Some((bytes, cas))) => (decode_tat(&bytes), cas),
-            Ok(None) => (0, None),
+            Ok(Some((bytes, Some(cas)))) => (decode_tat(&bytes), cas),
+            Ok(_) => {
+                // Never written: create the full-bucket state (every racer
+                // writes the same bytes), then decide under CAS.
+                store
+                    .set(key, &encode_tat(0), None)
+                    .map_err(|_| TakeError::Store)?;
+                continue;
+            }
             Err(StoreError) => return Err(TakeError::Store),
         };
         let outcome = take(limit, tat, now);
         if !outcome.allowed {
             return Ok(outcome);
         }
-        match store.set(key, &encode_tat(outcome.new_tat), cas) {
+        match store.set(key, &encode_tat(outcome.new_tat), Some(cas)) {
             Ok(true) => return Ok(outcome),
             Ok(false) => continue,
             Err(StoreError) => return Err(TakeError::Store),
@@ -169,36 +176,9 @@ pub fn ensure_bucket(store: &dyn CounterStore, key: &str) -> Result<(), StoreErr
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-
-    /// A CAS store with Envoy's semantics: each write bumps the token, a
-    /// missing key accepts any write.
-    #[derive(Default)]
-    pub struct MemStore {
-        pub map: Mutex<HashMap<String, (Vec<u8>, u32)>>,
-    }
-
-    impl CounterStore for MemStore {
-        fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-            let m = self.map.lock().unwrap();
-            Ok(m.get(key).map(|(v, c)| (v.clone(), Some(*c))))
-        }
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
-            let mut m = self.map.lock().unwrap();
-            let entry = m.entry(key.to_string()).or_insert((Vec::new(), 0));
-            if let Some(c) = cas {
-                if c != entry.1 {
-                    return Ok(false);
-                }
-            }
-            entry.0 = value.to_vec();
-            entry.1 += 1;
-            Ok(true)
-        }
-    }
+    use crate::testing::MemStore;
 
     const S: u64 = NANOS;
 

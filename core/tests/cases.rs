@@ -2,36 +2,16 @@
 //! with an in-memory bucket store. The e2e suite replays the same table in Envoy.
 #![allow(clippy::unwrap_used)]
 
-
-use std::cell::RefCell;
 use std::collections::HashMap;
 
 use keygate_core::headers::HeaderMap;
 use keygate_core::keys::digest;
-use keygate_core::policy::{Decision, Env};
-use keygate_core::ratelimit::{CounterStore, StoreError, Versioned};
+use keygate_core::policy::Decision;
+use keygate_core::testing::FakeHost;
 use keygate_core::{reply, Policy};
 use serde_json::Value;
 
 const TABLE: &str = include_str!("../../tests/cases/auth.json");
-
-#[derive(Default)]
-struct Mem(RefCell<HashMap<String, (Vec<u8>, u32)>>);
-
-impl CounterStore for Mem {
-    fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        Ok(self.0.borrow().get(key).map(|(v, c)| (v.clone(), Some(*c))))
-    }
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
-        let mut m = self.0.borrow_mut();
-        let e = m.entry(key.into()).or_insert((Vec::new(), 0));
-        if cas.is_some_and(|c| c != e.1) {
-            return Ok(false);
-        }
-        *e = (value.to_vec(), e.1 + 1);
-        Ok(true)
-    }
-}
 
 /// Replaces `{key:NAME}` / `{sha256:NAME}` and decodes `\xNN`.
 fn expand(s: &str, keys: &HashMap<String, String>) -> Vec<u8> {
@@ -84,18 +64,15 @@ fn case_table() {
                 .map(|(n, v)| (n.as_slice(), v.as_slice()))
                 .collect(),
         );
-        let store = Mem::default();
-        let env = Env {
-            monotonic_ns: 1_000_000_000,
-            counters: &store,
-        };
+        let host = FakeHost::default();
         let expect = &case["expect"];
-        let (status, code, identity) = match policy.decide(&map, &env) {
+        let (status, code, identity) = match policy.decide(&map, &host) {
             Decision::Allow(a) => {
                 let edits = policy.forward_edits(&map, &a);
                 let mut forwarded: Vec<&[u8]> = map.iter().map(|(n, _)| n).collect();
                 forwarded.retain(|n| !edits.remove.contains(n) && !edits.strip.contains(n));
-                forwarded.retain(|n| *n != edits.identity.0.as_bytes());
+                let (identity_header, identity) = edits.identity.unwrap();
+                forwarded.retain(|n| *n != identity_header.as_bytes());
                 for s in expect["stripped"].as_array().into_iter().flatten() {
                     let s = s.as_str().unwrap().as_bytes();
                     if forwarded.iter().any(|n| n.eq_ignore_ascii_case(s)) {
@@ -111,7 +88,7 @@ fn case_table() {
                 {
                     failures.push(format!("{name}: spoofed identity variant kept"));
                 }
-                (200, None, Some(edits.identity.1.to_string()))
+                (200, None, Some(identity.to_string()))
             }
             Decision::Deny(d) => {
                 let r = reply::render(&d, policy.www_authenticate());

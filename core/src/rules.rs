@@ -1,0 +1,365 @@
+//! Route rules: compiled matchers and the requirements a matching request must meet.
+
+use crate::config::{AttributeConfig, MatchConfig};
+use crate::credential::Extractor;
+use crate::headers::HeaderMap;
+use crate::ratelimit::Limit;
+
+/// The parts of a request that rules look at, borrowed from the header map.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestLine<'h> {
+    /// `:method`.
+    pub method: &'h [u8],
+    /// `:path` up to `?`.
+    pub path: &'h [u8],
+    /// `:path` after `?` (empty if none).
+    pub query: &'h [u8],
+    /// `:authority` without port.
+    pub host: &'h [u8],
+}
+
+impl<'h> RequestLine<'h> {
+    /// Reads the pseudo-headers.
+    pub fn from_headers(headers: &HeaderMap<'h>) -> Self {
+        let full = headers.get(b":path").unwrap_or(b"/");
+        let (path, query) = match full.iter().position(|b| *b == b'?') {
+            Some(q) => (&full[..q], &full[q + 1..]),
+            None => (full, &b""[..]),
+        };
+        let authority = headers.get(b":authority").unwrap_or(b"");
+        RequestLine {
+            method: headers.get(b":method").unwrap_or(b""),
+            path,
+            query,
+            host: strip_port(authority),
+        }
+    }
+}
+
+fn strip_port(authority: &[u8]) -> &[u8] {
+    if authority.first() == Some(&b'[') {
+        // [v6]:port
+        return match authority.iter().position(|b| *b == b']') {
+            Some(end) => &authority[..=end],
+            None => authority,
+        };
+    }
+    match authority.iter().rposition(|b| *b == b':') {
+        Some(c) => &authority[..c],
+        None => authority,
+    }
+}
+
+/// A compiled matcher.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    host: Option<HostMatch>,
+    path: Option<Vec<u8>>,
+    path_prefix: Option<Vec<u8>>,
+    methods: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+enum HostMatch {
+    Exact(Vec<u8>),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(Vec<u8>),
+}
+
+impl Matcher {
+    /// Compiles a match block.
+    pub fn new(m: &MatchConfig) -> Self {
+        let host = m.host.as_ref().map(|h| {
+            let h = h.to_ascii_lowercase();
+            match h.strip_prefix('*') {
+                Some(rest) => HostMatch::Suffix(rest.as_bytes().to_vec()),
+                None => HostMatch::Exact(h.into_bytes()),
+            }
+        });
+        Matcher {
+            host,
+            path: m.path.as_ref().map(|p| p.as_bytes().to_vec()),
+            path_prefix: m.path_prefix.as_ref().map(|p| p.as_bytes().to_vec()),
+            methods: m
+                .methods
+                .iter()
+                .map(|x| x.to_ascii_uppercase().into_bytes())
+                .collect(),
+        }
+    }
+
+    /// True when every present criterion matches.
+    pub fn matches(&self, r: &RequestLine<'_>) -> bool {
+        let host_ok = match &self.host {
+            None => true,
+            Some(HostMatch::Exact(h)) => r.host.eq_ignore_ascii_case(h),
+            Some(HostMatch::Suffix(s)) => {
+                r.host.len() > s.len() && r.host[r.host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        };
+        host_ok
+            && self.path.as_ref().is_none_or(|p| r.path == p.as_slice())
+            && self
+                .path_prefix
+                .as_ref()
+                .is_none_or(|p| r.path.starts_with(p))
+            && (self.methods.is_empty() || self.methods.iter().any(|m| m == r.method))
+    }
+}
+
+/// Where an attachment value is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attribute {
+    /// A request header (lowercased name).
+    Header(Vec<u8>),
+    /// A query parameter.
+    Query(String),
+    /// A JSON pointer into the request body.
+    JsonBody(String),
+}
+
+impl From<&AttributeConfig> for Attribute {
+    fn from(a: &AttributeConfig) -> Self {
+        match a {
+            AttributeConfig::Header(h) => Attribute::Header(h.to_ascii_lowercase().into_bytes()),
+            AttributeConfig::Query(q) => Attribute::Query(q.clone()),
+            AttributeConfig::JsonBody(p) if p.starts_with('/') => Attribute::JsonBody(p.clone()),
+            AttributeConfig::JsonBody(p) => {
+                Attribute::JsonBody(format!("/{}", p.replace('~', "~0").replace('/', "~1")))
+            }
+        }
+    }
+}
+
+impl Attribute {
+    /// True when the value is in the request body.
+    pub fn needs_body(&self) -> bool {
+        matches!(self, Attribute::JsonBody(_))
+    }
+
+    /// Reads a header or query value. `None` if absent (or a body attribute).
+    pub fn read_from_request(
+        &self,
+        headers: &HeaderMap<'_>,
+        line: &RequestLine<'_>,
+    ) -> Option<String> {
+        match self {
+            Attribute::Header(h) => headers
+                .get(h)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_string),
+            Attribute::Query(name) => form_urlencoded::parse(line.query)
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned()),
+            Attribute::JsonBody(_) => None,
+        }
+    }
+}
+
+/// Outcome of reading a JSON body attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyValue {
+    /// The field's value (strings as-is, numbers and booleans in JSON form).
+    Found(String),
+    /// The body is not JSON.
+    NotJson,
+    /// The field is absent, null, or an object/array.
+    Missing,
+}
+
+/// Extracts `pointer` from a JSON body.
+pub fn read_json_body(body: &[u8], pointer: &str) -> BodyValue {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return BodyValue::NotJson;
+    };
+    match doc.pointer(pointer) {
+        Some(serde_json::Value::String(s)) => BodyValue::Found(s.clone()),
+        Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+            BodyValue::Found(v.to_string())
+        }
+        _ => BodyValue::Missing,
+    }
+}
+
+/// An attachment requirement.
+#[derive(Debug, Clone)]
+pub struct AttachmentCheck {
+    /// The key's attachment set to look in.
+    pub set: String,
+    /// Where the value comes from.
+    pub attribute: Attribute,
+}
+
+/// What a `require` rule asks of the key, compiled.
+#[derive(Debug, Clone, Default)]
+pub struct Requirement {
+    /// At least one of these (if non-empty).
+    pub scopes_any_of: Vec<String>,
+    /// All of these.
+    pub scopes_all_of: Vec<String>,
+    /// Key environment in this list (if non-empty).
+    pub environments: Vec<String>,
+    /// Attachment check.
+    pub attachment: Option<AttachmentCheck>,
+    /// Credential sources overriding the top-level ones.
+    pub extractor: Option<Extractor>,
+    /// Limit overriding the key's, with the bucket-key prefix for this rule.
+    pub limit: Option<(Limit, String)>,
+}
+
+impl Requirement {
+    /// True when `scopes` and `environment` satisfy the scope and environment checks.
+    pub fn permits(&self, scopes: &[String], environment: Option<&str>) -> bool {
+        let has = |s: &String| scopes.iter().any(|k| k == s);
+        (self.scopes_any_of.is_empty() || self.scopes_any_of.iter().any(has))
+            && self.scopes_all_of.iter().all(has)
+            && (self.environments.is_empty()
+                || environment.is_some_and(|e| self.environments.iter().any(|x| x == e)))
+    }
+}
+
+/// A rule's effect.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    /// No key needed.
+    Public,
+    /// 403 `route_not_allowed`.
+    Deny,
+    /// A key meeting the requirement.
+    Require(Box<Requirement>),
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Name for logs and bucket keys.
+    pub name: String,
+    /// When it applies.
+    pub matcher: Matcher,
+    /// What it does.
+    pub effect: Effect,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(pairs: &'a [(&'a str, &'a str)]) -> (HeaderMap<'a>, RequestLine<'a>) {
+        let map = HeaderMap::from_pairs(
+            pairs
+                .iter()
+                .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+                .collect(),
+        );
+        let l = RequestLine::from_headers(&map);
+        (map, l)
+    }
+
+    #[test]
+    fn request_line_splits_path_query_and_port() {
+        let (_, l) = line(&[
+            (":method", "POST"),
+            (":path", "/a/b?x=1&y=2"),
+            (":authority", "Api.Example.com:8443"),
+        ]);
+        assert_eq!(
+            (l.method, l.path, l.query, l.host),
+            (
+                &b"POST"[..],
+                &b"/a/b"[..],
+                &b"x=1&y=2"[..],
+                &b"Api.Example.com"[..]
+            )
+        );
+        let (_, l) = line(&[(":authority", "[::1]:80")]);
+        assert_eq!(l.host, b"[::1]");
+    }
+
+    #[test]
+    fn matcher_criteria() {
+        let m = Matcher::new(&MatchConfig {
+            host: Some("*.example.com".into()),
+            path: None,
+            path_prefix: Some("/api/".into()),
+            methods: vec!["post".into()],
+        });
+        let (_, ok) = line(&[
+            (":method", "POST"),
+            (":path", "/api/v1?q"),
+            (":authority", "a.example.com"),
+        ]);
+        assert!(m.matches(&ok));
+        let (_, bad_host) = line(&[
+            (":method", "POST"),
+            (":path", "/api/v1"),
+            (":authority", "example.com"),
+        ]);
+        assert!(!m.matches(&bad_host));
+        let (_, bad_method) = line(&[
+            (":method", "GET"),
+            (":path", "/api/v1"),
+            (":authority", "a.example.com"),
+        ]);
+        assert!(!m.matches(&bad_method));
+        let exact = Matcher::new(&MatchConfig {
+            path: Some("/api/v1/ping".into()),
+            ..Default::default()
+        });
+        let (_, p) = line(&[(":path", "/api/v1/ping?x=1")]);
+        assert!(exact.matches(&p));
+        let (_, p) = line(&[(":path", "/api/v1/ping/x")]);
+        assert!(!exact.matches(&p));
+    }
+
+    #[test]
+    fn attributes_from_header_query_and_body() {
+        let (map, l) = line(&[
+            (":path", "/x?campaign=c%2D17&other=1"),
+            ("x-campaign", "c-42"),
+        ]);
+        assert_eq!(
+            Attribute::Query("campaign".into())
+                .read_from_request(&map, &l)
+                .as_deref(),
+            Some("c-17")
+        );
+        assert_eq!(
+            Attribute::Header(b"x-campaign".to_vec())
+                .read_from_request(&map, &l)
+                .as_deref(),
+            Some("c-42")
+        );
+        let top = Attribute::from(&AttributeConfig::JsonBody("flo_campaign_id".into()));
+        assert_eq!(top, Attribute::JsonBody("/flo_campaign_id".into()));
+        assert_eq!(
+            read_json_body(br#"{"flo_campaign_id":"c-17"}"#, "/flo_campaign_id"),
+            BodyValue::Found("c-17".into())
+        );
+        assert_eq!(
+            read_json_body(br#"{"a":{"b":[1,17]}}"#, "/a/b/1"),
+            BodyValue::Found("17".into())
+        );
+        assert_eq!(
+            read_json_body(br#"{"a":1}"#, "/flo_campaign_id"),
+            BodyValue::Missing
+        );
+        assert_eq!(read_json_body(br#"{"a":"#, "/a"), BodyValue::NotJson);
+        assert_eq!(read_json_body(br#"{"a":null}"#, "/a"), BodyValue::Missing);
+    }
+
+    #[test]
+    fn requirement_scopes_and_environment() {
+        let r = Requirement {
+            scopes_any_of: vec!["read".into(), "ingest".into()],
+            scopes_all_of: vec!["base".into()],
+            environments: vec!["live".into()],
+            ..Default::default()
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(r.permits(&s(&["base", "read"]), Some("live")));
+        assert!(!r.permits(&s(&["read"]), Some("live")));
+        assert!(!r.permits(&s(&["base"]), Some("live")));
+        assert!(!r.permits(&s(&["base", "ingest"]), Some("test")));
+        assert!(!r.permits(&s(&["base", "ingest"]), None));
+    }
+}

