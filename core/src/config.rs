@@ -139,6 +139,20 @@ pub enum AttributeConfig {
     JsonBody(String),
 }
 
+/// A key list as served by a control plane and written by `keygate keys`:
+/// the same key records as the plugin configuration, with a version that
+/// only ever grows.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyList {
+    /// Monotonic version; a fetched list older than the current one is refused.
+    #[serde(default)]
+    pub version: u64,
+    /// Key records.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
 /// One credential source.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -155,7 +169,7 @@ pub enum SourceConfig {
 }
 
 /// One key record.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// Stable identifier sent to the backend and written in logs.
@@ -163,36 +177,36 @@ pub struct KeyConfig {
     /// Lowercase or uppercase hex SHA-256 of the key (64 characters).
     pub sha256: String,
     /// This key's own rate limit, overriding the default.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
     /// Scopes the key holds, e.g. `ingest`, `read`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
     /// RFC 3339 time after which the key is `expired_api_key`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
     /// A disabled key is revoked: 401, same public body as an unknown key.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
     /// If non-empty, the downstream address must be in one of these CIDRs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_cidrs: Vec<String>,
     /// Named sets of values the key is attached to, e.g. `{"campaigns": ["c-17"]}`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub attachments: std::collections::BTreeMap<String, Vec<String>>,
     /// Free-form label for people (shown in logs and `keygate keys list`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
     /// Environment such as `live` or `test`, usable in rules.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
     /// Display form of the key (prefix + last 4), written by `keygate keys create`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
 }
 
 /// A token-bucket rate limit.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Sustained rate; may be fractional (0.5 = one request every 2 s).

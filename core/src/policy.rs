@@ -521,6 +521,24 @@ fn compile_sources(
     })
 }
 
+/// Parses and validates a key list (control-plane or `keys.json` format)
+/// with the same rules as the `keys` of a plugin configuration.
+pub fn validate_key_list(bytes: &[u8]) -> Result<crate::config::KeyList, Vec<ConfigError>> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let list: crate::config::KeyList = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if matches!(path.as_str(), "." | "?" | "") { "key list".to_string() } else { path };
+        vec![err(field, e.into_inner().to_string())]
+    })?;
+    let mut errors = Vec::new();
+    let _ = compile_keys(&list.keys, None, &mut errors);
+    if errors.is_empty() {
+        Ok(list)
+    } else {
+        Err(errors)
+    }
+}
+
 fn compile_keys(
     keys: &[KeyConfig],
     default_limit: Option<Limit>,

@@ -1,0 +1,3 @@
+//! The `keygate` command (work in progress).
+
+fn main() {}
