@@ -527,7 +527,11 @@ pub fn validate_key_list(bytes: &[u8]) -> Result<crate::config::KeyList, Vec<Con
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let list: crate::config::KeyList = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if matches!(path.as_str(), "." | "?" | "") { "key list".to_string() } else { path };
+        let field = if matches!(path.as_str(), "." | "?" | "") {
+            "key list".to_string()
+        } else {
+            path
+        };
         vec![err(field, e.into_inner().to_string())]
     })?;
     let mut errors = Vec::new();

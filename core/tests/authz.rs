@@ -1,0 +1,334 @@
+//! Authorization branches of the decision: rules, scopes, environments,
+//! expiry, revocation, CIDRs, attachments from headers, queries and bodies.
+#![allow(clippy::unwrap_used)]
+
+use keygate_core::headers::HeaderMap;
+use keygate_core::keys::digest;
+use keygate_core::policy::{Decision, Hold};
+use keygate_core::testing::FakeHost;
+use keygate_core::{Host, Policy};
+
+fn h(k: &str) -> String {
+    hex::encode(digest(k.as_bytes()))
+}
+
+fn policy() -> Policy {
+    let cfg = serde_json::json!({
+        "credential_sources": [{"type": "header", "name": "x-api-key"}],
+        "keys": [
+            {"id": "sup", "sha256": h("k-sup"), "scopes": ["ingest"], "attachments": {"campaigns": ["c-17", "c-42"]}},
+            {"id": "reader", "sha256": h("k-read"), "scopes": ["read"]},
+            {"id": "gone", "sha256": h("k-gone"), "disabled": true},
+            {"id": "old", "sha256": h("k-old"), "expires_at": "2020-01-01T00:00:00Z"},
+            {"id": "later", "sha256": h("k-later"), "expires_at": "2099-01-01T00:00:00+02:00"},
+            {"id": "office", "sha256": h("k-office"), "allowed_cidrs": ["10.1.0.0/16", "2001:db8::/32", "192.0.2.7"]},
+            {"id": "test", "sha256": h("k-test"), "environment": "test", "scopes": ["read"]},
+            {"id": "live", "sha256": h("k-live"), "environment": "live", "scopes": ["read"]}
+        ],
+        "rules": [
+            {"name": "health", "match": {"path": "/healthz"}, "action": "public"},
+            {"name": "admin", "match": {"path_prefix": "/admin"}, "action": "deny"},
+            {"name": "ingest", "match": {"path": "/api/v1/ingest", "methods": ["POST"]}, "action": "require",
+             "scopes_any_of": ["ingest"], "attachment": {"set": "campaigns", "from": {"json_body": "flo_campaign_id"}}},
+            {"name": "by-query", "match": {"path": "/q"}, "action": "require", "attachment": {"set": "campaigns", "from": {"query": "campaign"}}},
+            {"name": "by-header", "match": {"path": "/h"}, "action": "require", "attachment": {"set": "campaigns", "from": {"header": "x-campaign"}}},
+            {"name": "lookup", "match": {"path": "/api/v1/leads/lookup", "methods": ["GET"]}, "action": "require", "scopes_any_of": ["read", "ingest"]},
+            {"name": "sandbox", "match": {"path_prefix": "/v1/sandbox/"}, "action": "require", "environments": ["live", "test"]},
+            {"name": "live-only", "match": {"path_prefix": "/v1/"}, "action": "require", "environments": ["live"]},
+            {"name": "bearer-only", "match": {"host": "*.bearer.test"}, "action": "require", "credential_sources": [{"type": "bearer"}],
+             "rate_limit": {"requests_per_second": 1, "burst": 1}}
+        ],
+        "default_action": "deny",
+        "max_body_bytes": 64
+    });
+    Policy::from_json(cfg.to_string().as_bytes()).unwrap()
+}
+
+struct Req(Vec<(String, String)>);
+
+impl Req {
+    fn new(method: &str, path: &str) -> Self {
+        Req(vec![
+            (":method".into(), method.into()),
+            (":path".into(), path.into()),
+            (":authority".into(), "api.example.com".into()),
+        ])
+    }
+    fn key(mut self, k: &str) -> Self {
+        self.0.push(("x-api-key".into(), k.into()));
+        self
+    }
+    fn header(mut self, n: &str, v: &str) -> Self {
+        self.0.push((n.into(), v.into()));
+        self
+    }
+    fn decide(&self, p: &Policy, host: &dyn Host) -> (String, Option<Hold>) {
+        let map = HeaderMap::from_pairs(
+            self.0
+                .iter()
+                .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+                .collect(),
+        );
+        match p.decide(&map, host) {
+            Decision::Allow(a) => (
+                format!("allow:{}", a.key.map_or("-", |k| k.id())),
+                a.body_check,
+            ),
+            Decision::Deny(d) => (d.code.as_str().to_string(), None),
+        }
+    }
+}
+
+fn code(p: &Policy, r: Req) -> String {
+    r.decide(p, &FakeHost::default()).0
+}
+
+#[test]
+fn public_deny_and_default_routes() {
+    let p = policy();
+    assert_eq!(code(&p, Req::new("GET", "/healthz")), "allow:-");
+    assert_eq!(code(&p, Req::new("GET", "/healthz?x=1")), "allow:-");
+    assert_eq!(
+        code(&p, Req::new("GET", "/admin/x").key("k-sup")),
+        "route_not_allowed"
+    );
+    assert_eq!(
+        code(&p, Req::new("GET", "/elsewhere").key("k-sup")),
+        "route_not_allowed"
+    );
+}
+
+#[test]
+fn revoked_and_unknown_keys_look_the_same_to_clients() {
+    let p = policy();
+    assert_eq!(
+        code(&p, Req::new("GET", "/api/v1/leads/lookup").key("k-gone")),
+        "invalid_api_key"
+    );
+    assert_eq!(
+        code(&p, Req::new("GET", "/api/v1/leads/lookup").key("k-nope")),
+        "invalid_api_key"
+    );
+}
+
+#[test]
+fn expiry_uses_the_wall_clock_and_offsets() {
+    let p = policy();
+    assert_eq!(
+        code(
+            &p,
+            Req::new("GET", "/h")
+                .key("k-old")
+                .header("x-campaign", "c-17")
+        ),
+        "expired_api_key"
+    );
+    let lookup = || Req::new("GET", "/api/v1/leads/lookup");
+    let later = policy();
+    let before = FakeHost::default().with_unix(4_070_901_600 - 1);
+    let after = FakeHost::default().with_unix(4_070_901_600);
+    // "later" has no read scope: expiry is checked before scopes.
+    assert_eq!(
+        lookup().key("k-later").decide(&later, &before).0,
+        "insufficient_scope"
+    );
+    assert_eq!(
+        lookup().key("k-later").decide(&later, &after).0,
+        "expired_api_key"
+    );
+}
+
+#[test]
+fn cidrs_check_the_downstream_address() {
+    let p = policy();
+    let r = || Req::new("GET", "/v1/sandbox/x").key("k-office");
+    for (ip, want) in [
+        ("10.1.2.3", "insufficient_scope"),
+        ("192.0.2.7", "insufficient_scope"),
+        ("2001:db8::1", "insufficient_scope"),
+        ("10.2.0.1", "ip_not_allowed"),
+        ("192.0.2.8", "ip_not_allowed"),
+    ] {
+        assert_eq!(
+            r().decide(&p, &FakeHost::default().with_ip(ip)).0,
+            want,
+            "{ip}"
+        );
+    }
+}
+
+#[test]
+fn scopes_and_environments() {
+    let p = policy();
+    assert_eq!(
+        code(&p, Req::new("GET", "/api/v1/leads/lookup").key("k-read")),
+        "allow:reader"
+    );
+    assert_eq!(
+        code(&p, Req::new("GET", "/api/v1/leads/lookup").key("k-sup")),
+        "allow:sup"
+    );
+    assert_eq!(
+        code(&p, Req::new("POST", "/api/v1/ingest").key("k-read")),
+        "insufficient_scope"
+    );
+    assert_eq!(
+        code(&p, Req::new("GET", "/v1/sandbox/a").key("k-test")),
+        "allow:test"
+    );
+    assert_eq!(
+        code(&p, Req::new("GET", "/v1/campaigns").key("k-test")),
+        "insufficient_scope"
+    );
+    assert_eq!(
+        code(&p, Req::new("GET", "/v1/campaigns").key("k-live")),
+        "allow:live"
+    );
+}
+
+#[test]
+fn header_and_query_attachments() {
+    let p = policy();
+    assert_eq!(
+        code(&p, Req::new("GET", "/q?campaign=c-42").key("k-sup")),
+        "allow:sup"
+    );
+    assert_eq!(
+        code(&p, Req::new("GET", "/q?campaign=c-99").key("k-sup")),
+        "not_attached"
+    );
+    assert_eq!(
+        code(&p, Req::new("GET", "/q").key("k-sup")),
+        "missing_attribute"
+    );
+    assert_eq!(
+        code(
+            &p,
+            Req::new("GET", "/h")
+                .key("k-sup")
+                .header("x-campaign", "c-17")
+        ),
+        "allow:sup"
+    );
+    assert_eq!(
+        code(
+            &p,
+            Req::new("GET", "/h")
+                .key("k-read")
+                .header("x-campaign", "c-17")
+        ),
+        "not_attached"
+    );
+}
+
+#[test]
+fn json_body_attachment_is_decided_after_the_body() {
+    let p = policy();
+    let (c, hold) = Req::new("POST", "/api/v1/ingest")
+        .key("k-sup")
+        .decide(&p, &FakeHost::default());
+    assert_eq!(c, "allow:sup");
+    let hold = hold.unwrap();
+    let body = |b: &str| {
+        p.decide_body(hold, b.as_bytes(), false)
+            .map_err(|d| d.code.as_str())
+    };
+    assert_eq!(body(r#"{"flo_campaign_id":"c-17"}"#), Ok(()));
+    assert_eq!(body(r#"{"flo_campaign_id":"c-99"}"#), Err("not_attached"));
+    assert_eq!(body(r#"{"other":1}"#), Err("missing_attribute"));
+    assert_eq!(body(r#"{"flo_campaign_id":"#), Err("invalid_json_body"));
+    assert_eq!(body(""), Err("invalid_json_body"));
+    assert_eq!(
+        body(&format!(
+            r#"{{"flo_campaign_id":"c-17","pad":"{}"}}"#,
+            "a".repeat(64)
+        )),
+        Err("body_too_large")
+    );
+    assert_eq!(
+        p.decide_body(hold, b"{}", true)
+            .map_err(|d| d.code.as_str()),
+        Err("body_too_large")
+    );
+    // Routes without a body rule never hold.
+    let (_, none) = Req::new("GET", "/api/v1/leads/lookup")
+        .key("k-sup")
+        .decide(&p, &FakeHost::default());
+    assert!(none.is_none());
+}
+
+#[test]
+fn per_rule_sources_and_rate_limit_use_their_own_bucket() {
+    let p = policy();
+    let host = FakeHost::default();
+    let bearer = |k: &str| {
+        Req(vec![
+            (":method".into(), "GET".into()),
+            (":path".into(), "/x".into()),
+            (":authority".into(), "a.bearer.test:8443".into()),
+            ("authorization".into(), format!("Bearer {k}")),
+        ])
+    };
+    assert_eq!(bearer("k-read").decide(&p, &host).0, "allow:reader");
+    assert_eq!(bearer("k-read").decide(&p, &host).0, "rate_limited");
+    // x-api-key is not a source on that host.
+    let xkey = Req(vec![
+        (":path".into(), "/x".into()),
+        (":authority".into(), "a.bearer.test".into()),
+        ("x-api-key".into(), "k-read".into()),
+    ]);
+    assert_eq!(xkey.decide(&p, &host).0, "missing_api_key");
+    // The key's default (unlimited) route is unaffected by the rule's bucket.
+    for _ in 0..5 {
+        assert_eq!(
+            Req::new("GET", "/api/v1/leads/lookup")
+                .key("k-read")
+                .decide(&p, &host)
+                .0,
+            "allow:reader"
+        );
+    }
+}
+
+#[test]
+fn rule_validation_names_fields() {
+    let bad = [
+        (
+            r#"{"rules":[{"match":{"path":"x"},"action":"public"}]}"#,
+            "rules[0].match.path",
+        ),
+        (
+            r#"{"rules":[{"action":"public","scopes_any_of":["a"]}]}"#,
+            "rules[0].action",
+        ),
+        (
+            r#"{"rules":[{"name":"a","action":"deny"},{"name":"a","action":"deny"}]}"#,
+            "rules[1].name",
+        ),
+        (
+            r#"{"rules":[{"action":"require","attachment":{"set":"c","from":{"cookie":"x"}}}]}"#,
+            "rules[0].attachment.from",
+        ),
+        (
+            r#"{"rules":[{"action":"require","credential_sources":[]}]}"#,
+            "rules[0].credential_sources",
+        ),
+        (r#"{"default_action":"allow"}"#, "default_action"),
+        (
+            r#"{"keys":[{"id":"a","sha256":"0000000000000000000000000000000000000000000000000000000000000000","expires_at":"tomorrow"}]}"#,
+            "keys[0].expires_at",
+        ),
+        (
+            r#"{"keys":[{"id":"a","sha256":"0000000000000000000000000000000000000000000000000000000000000000","allowed_cidrs":["10.0.0.0/33"]}]}"#,
+            "keys[0].allowed_cidrs[0]",
+        ),
+        (r#"{"max_body_bytes":0}"#, "max_body_bytes"),
+    ];
+    for (json, field) in bad {
+        let errors = Policy::from_json(json.as_bytes()).unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.to_string().starts_with(field)),
+            "{json}: {errors:?}"
+        );
+    }
+}
