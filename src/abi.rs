@@ -16,6 +16,10 @@ const CAS_MISMATCH: Status = 8;
 
 /// Header map selector: request headers.
 pub const REQUEST_HEADERS: u32 = 0;
+/// Header map selector: HTTP callout response headers.
+pub const CALLOUT_RESPONSE_HEADERS: u32 = 6;
+/// Buffer selector: HTTP callout response body.
+pub const CALLOUT_RESPONSE_BODY: u32 = 4;
 /// Buffer selector: request body.
 pub const REQUEST_BODY: u32 = 0;
 /// Buffer selector: plugin configuration.
@@ -84,6 +88,7 @@ extern "C" {
     ) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(id: u32, value: u64) -> u32;
     fn proxy_set_property(
         path: *const u8,
         path_size: usize,
@@ -176,12 +181,22 @@ pub fn unix_ns() -> Option<u64> {
     (unsafe { proxy_get_current_time_nanoseconds(&mut t) } == OK).then_some(t)
 }
 
-/// The serialized request header map, decoded later by `keygate_core::headers`.
-pub fn request_header_pairs() -> Result<Vec<u8>, Status> {
+/// A serialized header map, decoded later by `keygate_core::headers`.
+pub fn header_pairs(map: u32) -> Result<Vec<u8>, Status> {
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: as above.
-    status(unsafe { proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size) })?;
+    status(unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) })?;
     Ok(unsafe { owned(data, size) })
+}
+
+/// The serialized request header map.
+pub fn request_header_pairs() -> Result<Vec<u8>, Status> {
+    header_pairs(REQUEST_HEADERS)
+}
+
+/// Up to `max` bytes of the HTTP callout response body.
+pub fn callout_body(max: usize) -> Result<Vec<u8>, Status> {
+    buffer(CALLOUT_RESPONSE_BODY, max)
 }
 
 /// Removes every value of a request header.
@@ -257,6 +272,20 @@ pub fn define_counter(name: &str) -> Result<u32, Status> {
     // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
     status(unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
+}
+
+/// Defines a gauge and returns its id.
+pub fn define_gauge(name: &str) -> Result<u32, Status> {
+    let mut id = 0u32;
+    // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
+    status(unsafe { proxy_define_metric(1, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+/// Sets a gauge.
+pub fn record(id: u32, value: u64) {
+    // SAFETY: plain values.
+    let _ = unsafe { proxy_record_metric(id, value) };
 }
 
 /// Adds `by` to a counter.

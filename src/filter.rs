@@ -1,5 +1,6 @@
 //! The proxy-wasm contexts: configuration in the root, one decision per request.
 
+use std::cell::Cell;
 use std::net::IpAddr;
 use std::rc::Rc;
 
@@ -11,6 +12,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::abi::{self, Level};
+use crate::control::{PollMetrics, Poller, TickAction};
 use crate::metrics::Metrics;
 use crate::shared::SharedCounters;
 
@@ -22,14 +24,45 @@ const FILTER_STATE_DENIAL: &str = "keygate_denial";
 /// lists create them on first use.
 const PRECREATE_BUCKETS_UP_TO: usize = 10_000;
 
-/// Per-VM root: owns the compiled policy and the metric ids.
+/// Per-VM root: owns the compiled policy, the metric ids and, with a control
+/// plane, the poller.
 #[derive(Default)]
 pub struct KeygateRoot {
+    /// The configured policy (static keys only).
+    base: Option<Rc<Policy>>,
+    /// The policy requests use: `base` merged with the control-plane list.
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
+    poller: Option<Poller>,
+    poll_metrics: PollMetrics,
+    /// The control-plane list is older than `max_staleness`.
+    stale: Rc<Cell<bool>>,
 }
 
-impl Context for KeygateRoot {}
+impl KeygateRoot {
+    fn switch(&mut self, action: TickAction) {
+        if let TickAction::Switch(p) = action {
+            self.policy = Some(Rc::new(*p));
+        }
+    }
+}
+
+impl Context for KeygateRoot {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let (Some(base), Some(poller)) = (self.base.clone(), self.poller.as_mut()) else {
+            return;
+        };
+        if let Some(cp) = base.control_plane() {
+            poller.on_response(token, num_headers, body_size, &base, cp, &self.poll_metrics);
+        }
+    }
+}
 
 impl RootContext for KeygateRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -68,8 +101,32 @@ impl RootContext for KeygateRoot {
             Level::Info,
             &format!("configuration loaded: {} keys", policy.keys().len()),
         );
-        self.policy = Some(Rc::new(policy));
+        let base = Rc::new(policy);
+        self.base = Some(base.clone());
+        self.policy = Some(base.clone());
+        if let Some(cp) = base.control_plane() {
+            self.poll_metrics = PollMetrics::define();
+            let mut poller = self.poller.take().unwrap_or_else(Poller::new);
+            let action = poller.sync(&base, &self.poll_metrics);
+            self.switch(action);
+            self.poller = Some(poller);
+            self.set_tick_period(Poller::tick_period(cp));
+        } else {
+            self.poller = None;
+        }
         true
+    }
+
+    fn on_tick(&mut self) {
+        let (Some(base), Some(mut poller)) = (self.base.clone(), self.poller.take()) else {
+            return;
+        };
+        if let Some(cp) = base.control_plane() {
+            let (action, stale) = poller.tick(&base, cp, &self.poll_metrics);
+            self.stale.set(stale);
+            self.switch(action);
+        }
+        self.poller = Some(poller);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -77,6 +134,7 @@ impl RootContext for KeygateRoot {
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
             hold: None,
+            stale: self.stale.get(),
         }))
     }
 
@@ -86,7 +144,9 @@ impl RootContext for KeygateRoot {
 }
 
 /// The host as the decision sees it: each call is made only if the policy asks.
-struct RequestHost;
+struct RequestHost {
+    stale: bool,
+}
 
 impl Host for RequestHost {
     fn monotonic_ns(&self) -> Option<u64> {
@@ -102,6 +162,9 @@ impl Host for RequestHost {
     fn counters(&self) -> &dyn CounterStore {
         &SharedCounters
     }
+    fn key_list_stale(&self) -> bool {
+        self.stale
+    }
 }
 
 /// One request's context.
@@ -110,6 +173,8 @@ pub struct KeygateRequest {
     metrics: Rc<Metrics>,
     /// Set while the request waits for its body.
     hold: Option<Hold>,
+    /// The control-plane list was stale when the request started.
+    stale: bool,
 }
 
 impl Context for KeygateRequest {}
@@ -138,7 +203,7 @@ impl HttpContext for KeygateRequest {
                 &Denial::new(DenyCode::MalformedApiKey, "header map undecodable"),
             );
         };
-        match policy.decide(&map, &RequestHost) {
+        match policy.decide(&map, &RequestHost { stale: self.stale }) {
             Decision::Allow(allowed) => {
                 if !apply_edits(&policy, &map, &allowed) {
                     // Forwarding without a trustworthy identity is worse than refusing.

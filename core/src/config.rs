@@ -42,6 +42,9 @@ pub struct Config {
     /// Largest request body buffered for a JSON-body attachment check; over it is 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Poll a control plane for (more) keys.
+    #[serde(default)]
+    pub control_plane: Option<crate::control::ControlPlaneConfig>,
 }
 
 /// Handling of requests that match no rule.

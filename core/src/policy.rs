@@ -6,8 +6,10 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::config::{
-    Config, DefaultAction, KeyConfig, RateLimitConfig, RuleAction, RuleConfig, SourceConfig,
+    Config, DefaultAction, KeyConfig, KeyList, RateLimitConfig, RuleAction, RuleConfig,
+    SourceConfig,
 };
+use crate::control::{ControlPlane, StalePolicy};
 use crate::credential::{Credential, Extractor, Source};
 use crate::denial::{Denial, DenyCode, RateInfo};
 use crate::headers::HeaderMap;
@@ -51,6 +53,10 @@ pub trait Host {
     fn source_ip(&self) -> Option<IpAddr>;
     /// Bucket storage.
     fn counters(&self) -> &dyn CounterStore;
+    /// True when the control-plane list is older than `max_staleness`.
+    fn key_list_stale(&self) -> bool {
+        false
+    }
 }
 
 /// The validated, indexed form of a [`Config`].
@@ -64,6 +70,14 @@ pub struct Policy {
     strip_credentials: bool,
     www_authenticate: String,
     max_body_bytes: usize,
+    control_plane: Option<ControlPlane>,
+    /// Static keys, kept to merge with each control-plane list.
+    static_keys: Vec<KeyConfig>,
+    default_limit: Option<Limit>,
+    /// Control plane configured, no list yet, no static keys: 503.
+    awaiting_list: bool,
+    /// Version of the merged control-plane list, if any.
+    list_version: Option<u64>,
 }
 
 /// What to do with a request.
@@ -191,6 +205,10 @@ impl Policy {
             .as_ref()
             .and_then(|l| compile_limit(l, "rate_limit", &mut errors));
         let keys = compile_keys(&cfg.keys, default_limit, &mut errors);
+        let control_plane = cfg
+            .control_plane
+            .as_ref()
+            .and_then(|c| ControlPlane::compile(c, &mut errors));
         let rules = compile_rules(cfg, &mut errors);
 
         match (errors.is_empty(), keys, extractor) {
@@ -209,6 +227,11 @@ impl Policy {
                     strip_credentials: cfg.strip_credentials,
                     www_authenticate,
                     max_body_bytes: cfg.max_body_bytes,
+                    awaiting_list: control_plane.is_some() && cfg.keys.is_empty(),
+                    control_plane,
+                    static_keys: cfg.keys.clone(),
+                    default_limit,
+                    list_version: None,
                 })
             }
             _ => Err(errors),
@@ -218,6 +241,54 @@ impl Policy {
     /// The key list.
     pub fn keys(&self) -> &KeyStore {
         &self.keys
+    }
+
+    /// The control plane, if one is configured.
+    pub fn control_plane(&self) -> Option<&ControlPlane> {
+        self.control_plane.as_ref()
+    }
+
+    /// Version of the control-plane list in use, if any.
+    pub fn list_version(&self) -> Option<u64> {
+        self.list_version
+    }
+
+    /// This policy with the static keys merged with a control-plane list.
+    /// A key in both (same id or same digest) is an error; nothing changes then.
+    pub fn with_key_list(&self, list: &KeyList) -> Result<Policy, Vec<ConfigError>> {
+        let mut merged = self.static_keys.clone();
+        merged.extend(list.keys.iter().cloned());
+        let mut errors = Vec::new();
+        let keys = compile_keys(&merged, self.default_limit, &mut errors);
+        match keys {
+            Some(keys) if errors.is_empty() => Ok(Policy {
+                keys,
+                awaiting_list: false,
+                list_version: Some(list.version),
+                ..self.clone()
+            }),
+            _ => {
+                let n = self.static_keys.len();
+                // Name control-plane records by their index in the list.
+                for e in &mut errors {
+                    if let Some(i) = e
+                        .field
+                        .strip_prefix("keys[")
+                        .and_then(|r| r.split(']').next())
+                        .and_then(|i| i.parse::<usize>().ok())
+                    {
+                        if i >= n {
+                            e.field = e.field.replacen(
+                                &format!("keys[{i}]"),
+                                &format!("key_list.keys[{}]", i - n),
+                                1,
+                            );
+                        }
+                    }
+                }
+                Err(errors)
+            }
+        }
     }
 
     /// The challenge sent in `WWW-Authenticate` on 401.
@@ -300,6 +371,23 @@ impl Policy {
         rule_index: Option<u32>,
         host: &dyn Host,
     ) -> Result<Allowed<'p, 'h>, Denial> {
+        if self.awaiting_list {
+            return Err(Denial::new(
+                DenyCode::KeyListUnavailable,
+                "no key list loaded yet",
+            ));
+        }
+        if host.key_list_stale()
+            && self
+                .control_plane
+                .as_ref()
+                .is_some_and(|c| c.stale_policy == StalePolicy::FailClosed)
+        {
+            return Err(Denial::new(
+                DenyCode::KeyListUnavailable,
+                "key list older than max_staleness",
+            ));
+        }
         let extractor = requirement
             .and_then(|r| r.extractor.as_ref())
             .unwrap_or(&self.extractor);

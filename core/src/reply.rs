@@ -27,6 +27,9 @@ pub fn render(denial: &Denial, www_authenticate: &str) -> Reply {
         };
         headers.push(("www-authenticate", challenge));
     }
+    if code == DenyCode::KeyListUnavailable {
+        headers.push(("retry-after", "1".into()));
+    }
     if let Some(rate) = denial.rate {
         headers.push(("retry-after", rate.retry_after_secs.max(1).to_string()));
         headers.push((

@@ -1,0 +1,391 @@
+//! The control-plane key list, as far as it is pure logic: configuration,
+//! classification of a fetch, the fetcher lease, and the published state.
+//!
+//! The filter polls one URL per Envoy (not per worker): workers elect a
+//! fetcher with a lease in shared data, the fetcher validates what it gets and
+//! publishes it, and every worker switches to the published version.
+
+use serde::Deserialize;
+
+use crate::config::KeyList;
+use crate::policy::{validate_key_list, ConfigError};
+
+/// `control_plane` in the plugin configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// Envoy cluster that reaches the control plane.
+    pub cluster: String,
+    /// `:authority` of the request.
+    pub authority: String,
+    /// Path of the key list, e.g. `/v1/keys`.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// How often to poll, e.g. `"1s"`, `"500ms"`.
+    #[serde(default = "default_poll")]
+    pub poll_interval: String,
+    /// Callout timeout.
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    /// Age of the last good fetch after which `stale_policy` applies.
+    #[serde(default = "default_staleness")]
+    pub max_staleness: String,
+    /// `serve` (default): keep using the last good list; `fail_closed`: 503.
+    #[serde(default)]
+    pub stale_policy: StalePolicy,
+    /// Largest accepted response body.
+    #[serde(default = "default_max_bytes")]
+    pub max_list_bytes: usize,
+}
+
+/// What to do once the list is older than `max_staleness`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StalePolicy {
+    /// Keep serving the last good list.
+    #[default]
+    Serve,
+    /// Answer 503 `key_list_unavailable`.
+    FailClosed,
+}
+
+fn default_path() -> String {
+    "/v1/keys".into()
+}
+fn default_poll() -> String {
+    "1s".into()
+}
+fn default_timeout() -> String {
+    "2s".into()
+}
+fn default_staleness() -> String {
+    "5m".into()
+}
+fn default_max_bytes() -> usize {
+    256 * 1024 * 1024
+}
+
+/// A validated control-plane configuration, durations in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlane {
+    /// Envoy cluster.
+    pub cluster: String,
+    /// `:authority`.
+    pub authority: String,
+    /// `:path`.
+    pub path: String,
+    /// Poll period.
+    pub poll_ms: u64,
+    /// Callout timeout.
+    pub timeout_ms: u64,
+    /// Staleness limit.
+    pub max_staleness_ms: u64,
+    /// Policy once stale.
+    pub stale_policy: StalePolicy,
+    /// Body cap.
+    pub max_list_bytes: usize,
+}
+
+impl ControlPlane {
+    /// Validates `c`, pushing problems under `control_plane.*`.
+    pub fn compile(c: &ControlPlaneConfig, errors: &mut Vec<ConfigError>) -> Option<ControlPlane> {
+        let before = errors.len();
+        let mut dur = |name: &str, v: &str, min: u64, max: u64| match parse_duration_ms(v) {
+            Some(ms) if (min..=max).contains(&ms) => ms,
+            _ => {
+                errors.push(ConfigError {
+                    field: format!("control_plane.{name}"),
+                    message: format!("{v:?} is not a duration from {min} ms to {max} ms (e.g. \"1s\", \"500ms\")"),
+                });
+                0
+            }
+        };
+        let poll_ms = dur("poll_interval", &c.poll_interval, 100, 3_600_000);
+        let timeout_ms = dur("timeout", &c.timeout, 10, 600_000);
+        let max_staleness_ms = dur("max_staleness", &c.max_staleness, 1_000, 30 * 86_400_000);
+        let mut need = |name: &str, ok: bool, msg: &str| {
+            if !ok {
+                errors.push(ConfigError {
+                    field: format!("control_plane.{name}"),
+                    message: msg.into(),
+                });
+            }
+        };
+        need(
+            "cluster",
+            !c.cluster.is_empty(),
+            "must name an Envoy cluster",
+        );
+        need(
+            "authority",
+            !c.authority.is_empty() && c.authority.bytes().all(|b| b.is_ascii_graphic()),
+            "must be a host[:port]",
+        );
+        need(
+            "path",
+            c.path.starts_with('/') && c.path.bytes().all(|b| b.is_ascii_graphic()),
+            "must start with '/'",
+        );
+        need(
+            "max_list_bytes",
+            c.max_list_bytes >= 1024,
+            "must be at least 1024",
+        );
+        (errors.len() == before).then(|| ControlPlane {
+            cluster: c.cluster.clone(),
+            authority: c.authority.clone(),
+            path: c.path.clone(),
+            poll_ms,
+            timeout_ms,
+            max_staleness_ms,
+            stale_policy: c.stale_policy,
+            max_list_bytes: c.max_list_bytes,
+        })
+    }
+}
+
+/// `"250ms"`, `"1s"`, `"1.5s"`, `"5m"`, `"1h"` → milliseconds.
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let scale = match unit {
+        "ms" => 1.0,
+        "s" => 1_000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => return None,
+    };
+    let ms = n * scale;
+    (ms.is_finite() && (0.0..1e15).contains(&ms)).then_some(ms.round() as u64)
+}
+
+/// What one fetch produced.
+#[derive(Debug, Clone)]
+pub enum FetchOutcome {
+    /// 304: the list is unchanged.
+    NotModified,
+    /// A valid, newer list with its ETag.
+    Updated {
+        /// The list.
+        list: KeyList,
+        /// Its ETag, for `If-None-Match`.
+        etag: Option<String>,
+    },
+    /// Anything else; the last good list stays.
+    Failed(String),
+}
+
+/// Classifies a callout response. `status` is `None` when the callout was
+/// reset (no headers at all). `body_truncated` means the body was larger
+/// than `max_list_bytes`.
+pub fn classify(
+    status: Option<u16>,
+    etag: Option<&str>,
+    body: &[u8],
+    body_truncated: bool,
+    current_version: Option<u64>,
+) -> FetchOutcome {
+    match status {
+        None => FetchOutcome::Failed("callout reset (no response headers)".into()),
+        Some(304) => FetchOutcome::NotModified,
+        Some(200) if body_truncated => {
+            FetchOutcome::Failed("key list larger than max_list_bytes".into())
+        }
+        Some(200) => match validate_key_list(body) {
+            Err(errors) => FetchOutcome::Failed(format!(
+                "invalid key list: {}",
+                errors.first().map(ToString::to_string).unwrap_or_default()
+            )),
+            Ok(list) if current_version.is_some_and(|v| list.version < v) => {
+                FetchOutcome::Failed(format!(
+                    "key list version {} is older than the current {}",
+                    list.version,
+                    current_version.unwrap_or_default()
+                ))
+            }
+            Ok(list) => FetchOutcome::Updated {
+                list,
+                etag: etag.map(str::to_string),
+            },
+        },
+        Some(s) => FetchOutcome::Failed(format!("control plane answered HTTP {s}")),
+    }
+}
+
+/// The fetcher lease: who fetches, until when (monotonic ns). 16 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Holder's id (random per VM).
+    pub holder: u64,
+    /// Monotonic nanoseconds when it lapses.
+    pub until_ns: u64,
+}
+
+impl Lease {
+    /// Serialized form.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.holder.to_le_bytes());
+        b[8..].copy_from_slice(&self.until_ns.to_le_bytes());
+        b
+    }
+
+    /// Parses a stored lease; anything malformed reads as no lease.
+    pub fn decode(b: &[u8]) -> Option<Lease> {
+        let holder = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+        let until_ns = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
+        Some(Lease { holder, until_ns })
+    }
+
+    /// The lease `me` should write to hold it until `now + ttl`, or `None` if
+    /// another live holder has it.
+    pub fn claim(current: Option<Lease>, me: u64, now_ns: u64, ttl_ns: u64) -> Option<Lease> {
+        match current {
+            Some(l) if l.holder != me && l.until_ns > now_ns => None,
+            _ => Some(Lease {
+                holder: me,
+                until_ns: now_ns.saturating_add(ttl_ns),
+            }),
+        }
+    }
+}
+
+/// What the fetcher publishes for all workers: version, when the list was
+/// last confirmed good (monotonic ns), and its ETag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Key list version (`KeyList::version`), plus a generation counter so
+    /// that a republished list of the same version is still picked up.
+    pub version: u64,
+    /// Increments on every publication.
+    pub generation: u64,
+    /// Last time a fetch confirmed the list (200 or 304).
+    pub confirmed_ns: u64,
+    /// ETag for `If-None-Match`.
+    pub etag: String,
+}
+
+impl Published {
+    /// Serialized form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24 + self.etag.len());
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&self.generation.to_le_bytes());
+        b.extend_from_slice(&self.confirmed_ns.to_le_bytes());
+        b.extend_from_slice(self.etag.as_bytes());
+        b
+    }
+
+    /// Parses the serialized form.
+    pub fn decode(b: &[u8]) -> Option<Published> {
+        let word = |i: usize| {
+            b.get(i * 8..i * 8 + 8)
+                .and_then(|s| s.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        Some(Published {
+            version: word(0)?,
+            generation: word(1)?,
+            confirmed_ns: word(2)?,
+            etag: String::from_utf8(b.get(24..)?.to_vec()).ok()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("250ms"), Some(250));
+        assert_eq!(parse_duration_ms("1s"), Some(1000));
+        assert_eq!(parse_duration_ms("1.5s"), Some(1500));
+        assert_eq!(parse_duration_ms("5m"), Some(300_000));
+        assert_eq!(parse_duration_ms("1h"), Some(3_600_000));
+        assert_eq!(parse_duration_ms("1"), None);
+        assert_eq!(parse_duration_ms("s"), None);
+        assert_eq!(parse_duration_ms("1d"), None);
+    }
+
+    #[test]
+    fn classify_every_fault() {
+        let good = br#"{"version":5,"keys":[{"id":"a","sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#;
+        assert!(matches!(
+            classify(Some(200), Some("\"e\""), good, false, Some(4)),
+            FetchOutcome::Updated { .. }
+        ));
+        assert!(matches!(
+            classify(Some(200), None, good, false, Some(5)),
+            FetchOutcome::Updated { .. }
+        ));
+        assert!(matches!(
+            classify(Some(304), None, b"", false, Some(5)),
+            FetchOutcome::NotModified
+        ));
+        let failed = |o: FetchOutcome| matches!(o, FetchOutcome::Failed(_));
+        assert!(failed(classify(None, None, b"", false, Some(5))));
+        assert!(failed(classify(Some(500), None, good, false, None)));
+        assert!(failed(classify(
+            Some(503),
+            None,
+            b"no healthy upstream",
+            false,
+            None
+        )));
+        assert!(failed(classify(
+            Some(504),
+            None,
+            b"upstream request timeout",
+            false,
+            None
+        )));
+        assert!(failed(classify(Some(200), None, b"garbage", false, None)));
+        assert!(failed(classify(
+            Some(200),
+            None,
+            &good[..good.len() - 10],
+            false,
+            None
+        )));
+        assert!(failed(classify(
+            Some(200),
+            None,
+            br#"{"version":1,"keyz":[]}"#,
+            false,
+            None
+        )));
+        assert!(failed(classify(Some(200), None, good, true, None)));
+        assert!(failed(classify(Some(200), None, good, false, Some(6))));
+    }
+
+    #[test]
+    fn lease_is_exclusive_until_it_lapses() {
+        let a = Lease::claim(None, 1, 100, 50).unwrap();
+        assert_eq!(
+            a,
+            Lease {
+                holder: 1,
+                until_ns: 150
+            }
+        );
+        assert_eq!(Lease::claim(Some(a), 2, 120, 50), None);
+        assert_eq!(Lease::claim(Some(a), 1, 120, 50).unwrap().until_ns, 170);
+        assert_eq!(Lease::claim(Some(a), 2, 150, 50).unwrap().holder, 2);
+        assert_eq!(Lease::decode(&a.encode()), Some(a));
+        assert_eq!(Lease::decode(b"short"), None);
+    }
+
+    #[test]
+    fn published_round_trips() {
+        let p = Published {
+            version: 3,
+            generation: 9,
+            confirmed_ns: 77,
+            etag: "\"abc\"".into(),
+        };
+        assert_eq!(Published::decode(&p.encode()), Some(p));
+        assert_eq!(Published::decode(b"x"), None);
+    }
+}
