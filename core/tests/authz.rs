@@ -332,3 +332,102 @@ fn rule_validation_names_fields() {
         );
     }
 }
+
+#[test]
+fn control_plane_lists_merge_with_static_keys() {
+    let base = Policy::from_json(
+        serde_json::json!({
+            "keys": [{"id": "static", "sha256": h("k-static")}],
+            "control_plane": {"cluster": "cp", "authority": "cp.local", "stale_policy": "fail_closed"}
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap();
+    let list = |v: serde_json::Value| {
+        keygate_core::policy::validate_key_list(v.to_string().as_bytes()).unwrap()
+    };
+    let merged = base
+        .with_key_list(&list(
+            serde_json::json!({"version": 3, "keys": [{"id": "dyn", "sha256": h("k-dyn")}]}),
+        ))
+        .unwrap();
+    assert_eq!(merged.list_version(), Some(3));
+    let get = |p: &Policy, k: &str| {
+        Req::new("GET", "/x")
+            .key(k)
+            .decide(p, &FakeHost::default())
+            .0
+    };
+    assert_eq!(get(&merged, "k-dyn"), "allow:dyn");
+    assert_eq!(get(&merged, "k-static"), "allow:static");
+    assert_eq!(get(&base, "k-dyn"), "invalid_api_key");
+    // A clash with a static key is refused, naming the list record.
+    let clash = base
+        .with_key_list(&list(
+            serde_json::json!({"version": 4, "keys": [{"id": "static", "sha256": h("k-other")}]}),
+        ))
+        .unwrap_err();
+    assert!(clash[0].field.starts_with("key_list.keys[0]"), "{clash:?}");
+}
+
+#[test]
+fn cold_start_and_staleness_answer_503() {
+    let cfg = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({"control_plane": {"cluster": "cp", "authority": "cp.local", "max_staleness": "10s"}});
+        v["control_plane"]
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        Policy::from_json(v.to_string().as_bytes()).unwrap()
+    };
+    let cold = cfg(serde_json::json!({}));
+    assert_eq!(
+        code(&cold, Req::new("GET", "/x").key("k")),
+        "key_list_unavailable"
+    );
+
+    struct Stale(FakeHost);
+    impl Host for Stale {
+        fn monotonic_ns(&self) -> Option<u64> {
+            self.0.monotonic_ns()
+        }
+        fn unix_secs(&self) -> Option<i64> {
+            self.0.unix_secs()
+        }
+        fn source_ip(&self) -> Option<std::net::IpAddr> {
+            self.0.source_ip()
+        }
+        fn counters(&self) -> &dyn keygate_core::ratelimit::CounterStore {
+            self.0.counters()
+        }
+        fn key_list_stale(&self) -> bool {
+            true
+        }
+    }
+    let list = keygate_core::policy::validate_key_list(
+        serde_json::json!({"version": 1, "keys": [{"id": "d", "sha256": h("k-d")}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    let serve = cfg(serde_json::json!({})).with_key_list(&list).unwrap();
+    let closed = cfg(serde_json::json!({"stale_policy": "fail_closed"}))
+        .with_key_list(&list)
+        .unwrap();
+    let stale = Stale(FakeHost::default());
+    assert_eq!(
+        Req::new("GET", "/x").key("k-d").decide(&serve, &stale).0,
+        "allow:d"
+    );
+    assert_eq!(
+        Req::new("GET", "/x").key("k-d").decide(&closed, &stale).0,
+        "key_list_unavailable"
+    );
+    assert_eq!(code(&closed, Req::new("GET", "/x").key("k-d")), "allow:d");
+    let bad = Policy::from_json(
+        br#"{"control_plane":{"cluster":"cp","authority":"cp.local","poll_interval":"1x"}}"#,
+    )
+    .unwrap_err();
+    assert!(bad[0].field == "control_plane.poll_interval", "{bad:?}");
+}
