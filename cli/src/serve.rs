@@ -1,0 +1,291 @@
+//! `keygate serve`: the reference control plane. Serves a key list file at
+//! `GET /v1/keys` with a strong ETag, and reloads it when the file changes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use keygate_core::policy::validate_key_list;
+
+use crate::error::{Failure, Result};
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The key list file to serve (as written by `keygate keys`).
+    #[arg(long, value_name = "KEYS.json")]
+    keys: PathBuf,
+    /// Address to listen on; port 0 picks a free port (the `listening on` line names it).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// How often the file is checked for changes (size, mtime, inode), in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    poll_ms: u64,
+}
+
+/// One loaded version of the list, ready to serve.
+#[derive(Debug)]
+struct Snapshot {
+    /// Compact JSON `{"version":N,"keys":[...]}`.
+    body: Bytes,
+    /// `"` + hex SHA-256 of `body` + `"`.
+    etag: HeaderValue,
+    version: u64,
+    keys: usize,
+}
+
+/// The snapshot being served, swapped by the watcher.
+type Shared = Arc<RwLock<Arc<Snapshot>>>;
+
+/// What is compared to notice a change of the file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    dev: u64,
+    ino: u64,
+}
+
+/// Runs the server until the process is killed.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let name = args.keys.display().to_string();
+    let first_print = fingerprint(&args.keys).map_err(|e| e.to_string());
+    let first = load(&args.keys).map_err(|why| Failure::new(format!("{name}: {why}")))?;
+    log(&format!(
+        "loaded {name}: version {}, {} keys",
+        first.version, first.keys
+    ));
+    let shared: Shared = Arc::new(RwLock::new(Arc::new(first)));
+
+    let listener = std::net::TcpListener::bind(args.listen)
+        .map_err(|e| Failure::because(format!("cannot listen on {}", args.listen), e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Failure::because("cannot read the listening address", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Failure::because("cannot configure the listening socket", e))?;
+
+    {
+        let shared = Arc::clone(&shared);
+        let path = args.keys.clone();
+        let interval = Duration::from_millis(args.poll_ms);
+        std::thread::Builder::new()
+            .name("keygate-watch".into())
+            .spawn(move || watch(&path, &shared, first_print, interval))
+            .map_err(|e| Failure::because("cannot start the file watcher", e))?;
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::because("cannot start the runtime", e))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| Failure::because("cannot use the listening socket", e))?;
+        log(&format!("listening on http://{local}"));
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // E.g. out of file descriptors: wait a little instead of spinning.
+                    log(&format!("accept failed: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let snapshot = current(&shared);
+                    async move { Ok::<_, Infallible>(respond(&req, &snapshot)) }
+                });
+                // Errors here are the client's (reset, malformed request, header timeout).
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// The answer to one request.
+fn respond(req: &Request<Incoming>, snapshot: &Snapshot) -> Response<Full<Bytes>> {
+    let readable = matches!(*req.method(), Method::GET | Method::HEAD);
+    match req.uri().path() {
+        "/v1/keys" if readable => {
+            let not_modified = req
+                .headers()
+                .get_all(header::IF_NONE_MATCH)
+                .iter()
+                .any(|v| etag_matches(v.as_bytes(), snapshot.etag.as_bytes()));
+            let mut res = if not_modified {
+                reply(StatusCode::NOT_MODIFIED, Bytes::new())
+            } else {
+                let mut res = reply(StatusCode::OK, snapshot.body.clone());
+                res.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                res
+            };
+            let h = res.headers_mut();
+            h.insert(header::ETAG, snapshot.etag.clone());
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            res
+        }
+        "/healthz" if readable => {
+            let mut res = reply(StatusCode::OK, Bytes::from_static(b"ok\n"));
+            res.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            res
+        }
+        "/v1/keys" | "/healthz" => {
+            let mut res = reply(StatusCode::METHOD_NOT_ALLOWED, Bytes::new());
+            res.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            res
+        }
+        _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
+    }
+}
+
+fn reply(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body));
+    *res.status_mut() = status;
+    res
+}
+
+/// `If-None-Match` (a comma-separated list, or `*`) against our ETag, with
+/// the weak comparison RFC 9110 prescribes for it.
+fn etag_matches(if_none_match: &[u8], etag: &[u8]) -> bool {
+    if_none_match
+        .split(|&b| b == b',')
+        .map(|t| t.trim_ascii())
+        .any(|t| t == b"*" || t.strip_prefix(b"W/").unwrap_or(t) == etag)
+}
+
+fn current(shared: &Shared) -> Arc<Snapshot> {
+    Arc::clone(
+        &shared
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    )
+}
+
+/// Reads and validates the list; the error is one line naming the field(s).
+fn load(path: &Path) -> std::result::Result<Snapshot, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let list = validate_key_list(&bytes).map_err(|errors| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let body = serde_json::to_vec(&list).map_err(|e| format!("cannot serialize: {e}"))?;
+    let etag = format!("\"{}\"", hex::encode(keygate_core::keys::digest(&body)));
+    Ok(Snapshot {
+        etag: HeaderValue::from_str(&etag).map_err(|e| format!("bad ETag: {e}"))?,
+        body: Bytes::from(body),
+        version: list.version,
+        keys: list.keys.len(),
+    })
+}
+
+fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
+    let m = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    let (dev, ino) = {
+        use std::os::unix::fs::MetadataExt;
+        (m.dev(), m.ino())
+    };
+    #[cfg(not(unix))]
+    let (dev, ino) = (0, 0);
+    Ok(Fingerprint {
+        len: m.len(),
+        modified: m.modified().ok(),
+        dev,
+        ino,
+    })
+}
+
+/// Polls the file and swaps in each new valid version. A broken file, or an
+/// older version, leaves the served list as it is; the reason is logged once
+/// per change of the file.
+fn watch(
+    path: &Path,
+    shared: &Shared,
+    mut last: std::result::Result<Fingerprint, String>,
+    interval: Duration,
+) {
+    let name = path.display().to_string();
+    loop {
+        std::thread::sleep(interval);
+        let now = fingerprint(path).map_err(|e| e.to_string());
+        if now == last {
+            continue;
+        }
+        last = now;
+        let served = current(shared);
+        let candidate = match &last {
+            Err(e) => Err(format!("cannot read: {e}")),
+            Ok(_) => load(path),
+        };
+        match candidate {
+            Err(why) => log(&format!(
+                "{name} not reloaded, still serving version {}: {why}",
+                served.version
+            )),
+            Ok(next) if next.body == served.body => {}
+            Ok(next) if next.version < served.version => log(&format!(
+                "{name} not reloaded, still serving version {}: version {} is older",
+                served.version, next.version
+            )),
+            Ok(next) => {
+                log(&format!(
+                    "reloaded {name}: version {}, {} keys{}",
+                    next.version,
+                    next.keys,
+                    if next.version == served.version {
+                        " (content changed but the version did not)"
+                    } else {
+                        ""
+                    }
+                ));
+                *shared.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+            }
+        }
+    }
+}
+
+fn log(line: &str) {
+    eprintln!("keygate serve: {line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_none_match_forms() {
+        let etag = br#""abc""#;
+        assert!(etag_matches(br#""abc""#, etag));
+        assert!(etag_matches(br#"W/"abc""#, etag));
+        assert!(etag_matches(br#""x", "abc""#, etag));
+        assert!(etag_matches(b"*", etag));
+        assert!(!etag_matches(br#""abd""#, etag));
+        assert!(!etag_matches(b"abc", etag));
+        assert!(!etag_matches(b"", etag));
+    }
+}
