@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # keygate demo: Envoy on 127.0.0.1:10000 with keygate in front of an echo
-# backend on 127.0.0.1:18080.
+# backend on 127.0.0.1:18080, and `keygate serve` on 127.0.0.1:18081 as the
+# control plane for target/demo/keys.json.
 #
 #   bash scripts/demo.sh           # start, print curl commands to try, wait for Ctrl-C
 #   bash scripts/demo.sh --check   # start, run those commands, check 200/401/429, stop
@@ -30,20 +31,22 @@ done
 LISTEN_PORT=10000
 ADMIN_PORT=9901
 BACKEND_PORT=18080
+CP_PORT=18081
 URL="http://127.0.0.1:$LISTEN_PORT"
 ADMIN="http://127.0.0.1:$ADMIN_PORT"
 DEMO_DIR="$KEYGATE_ROOT/target/demo"
 
 BACKEND_PID=""
 ENVOY_PID=""
+CP_PID=""
 
 cleanup() {
   trap - EXIT INT TERM
   local pid
-  for pid in $ENVOY_PID $BACKEND_PID; do
+  for pid in $ENVOY_PID $BACKEND_PID $CP_PID; do
     kill -TERM "$pid" 2>/dev/null || true
   done
-  for pid in $ENVOY_PID $BACKEND_PID; do
+  for pid in $ENVOY_PID $BACKEND_PID $CP_PID; do
     # Give each a few seconds, then insist.
     for _ in $(seq 50); do
       kill -0 "$pid" 2>/dev/null || break
@@ -54,6 +57,7 @@ cleanup() {
   done
   ENVOY_PID=""
   BACKEND_PID=""
+  CP_PID=""
 }
 trap cleanup EXIT
 trap 'echo; echo "stopping..."; cleanup; exit 130' INT
@@ -63,6 +67,8 @@ port_free() {
   "$KEYGATE_VENV/bin/python" - "$1" <<'PY'
 import socket, sys
 s = socket.socket()
+# Like the servers themselves: a port with only TIME_WAIT leftovers is free.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try:
     s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError:
@@ -104,8 +110,11 @@ else
   [[ -f "$KEYGATE_WASM" ]] || die "$KEYGATE_WASM not built (run without --no-build)"
 fi
 echo "keygate.wasm: $(wasm_size) bytes"
+step "build the keygate CLI"
+cargo build -q -p keygate-cli
+KEYGATE="$KEYGATE_ROOT/target/debug/keygate"
 
-for p in $LISTEN_PORT $ADMIN_PORT $BACKEND_PORT; do
+for p in $LISTEN_PORT $ADMIN_PORT $BACKEND_PORT $CP_PORT; do
   port_free "$p" || die "127.0.0.1:$p is already in use (another demo running?)"
 done
 
@@ -117,6 +126,14 @@ sed -e "s/__DEMO_ALPHA_SHA256__/$(sha256_of "$ALPHA_KEY")/" \
     -e "s/__DEMO_BETA_SHA256__/$(sha256_of "$BETA_KEY")/" \
     envoy/envoy.yaml >"$DEMO_DIR/envoy.yaml"
 if grep -q '__DEMO_' "$DEMO_DIR/envoy.yaml"; then die "placeholder left in $DEMO_DIR/envoy.yaml"; fi
+
+step "start the control plane: keygate serve on 127.0.0.1:$CP_PORT"
+rm -f "$DEMO_DIR/keys.json" "$DEMO_DIR/keys.json.lock"
+CP_KEY="$("$KEYGATE" keys create --id demo-cp --scopes read --file "$DEMO_DIR/keys.json" 2>/dev/null)"
+"$KEYGATE" serve --keys "$DEMO_DIR/keys.json" --listen "127.0.0.1:$CP_PORT" >"$DEMO_DIR/serve.log" 2>&1 &
+CP_PID=$!
+wait_http "http://127.0.0.1:$CP_PORT/healthz" 10 "$CP_PID" "keygate serve" \
+  || { cat "$DEMO_DIR/serve.log" >&2; exit 1; }
 
 step "start the demo backend (127.0.0.1:$BACKEND_PORT) and Envoy (127.0.0.1:$LISTEN_PORT)"
 "$KEYGATE_VENV/bin/python" scripts/demo_backend.py "$BACKEND_PORT" >"$DEMO_DIR/backend.log" 2>&1 &
@@ -157,6 +174,16 @@ curl -i $URL/hello -H 'x-api-key: kg_not_a_real_key_123'
 # 429 rate_limited: demo-beta allows 2 at once, then one every 5 s
 for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code}\\n' $URL/hello -H 'x-api-key: $BETA_KEY'; done
 curl -i $URL/hello -H 'x-api-key: $BETA_KEY'
+
+# Control plane: keys.json is served by keygate serve and polled every second.
+#   demo-cp     $CP_KEY   (created with the CLI at start-up)
+curl -i $URL/hello -H 'x-api-key: $CP_KEY'
+# Create a key (printed once), use it, revoke it, watch it get 401 within seconds:
+KEY=\$(target/debug/keygate keys create --id my-app --file target/demo/keys.json)
+sleep 2; curl -i $URL/hello -H "x-api-key: \$KEY"
+target/debug/keygate keys list --file target/demo/keys.json
+target/debug/keygate keys revoke my-app --file target/demo/keys.json
+sleep 2; curl -i $URL/hello -H "x-api-key: \$KEY"
 
 # keygate's counters
 curl -s $ADMIN/stats | grep keygate
@@ -206,9 +233,24 @@ body_has '"error":"rate_limited"'
 grep -i '^\(retry-after\|ratelimit\)' "$DEMO_DIR/last_headers" | sed 's/^/        /'
 grep -qi '^ratelimit-policy: "default";q=2;w=10' "$DEMO_DIR/last_headers" \
   || { echo "  FAIL  ratelimit-policy header"; FAILED=1; }
+wait_status() { # want key timeout_s
+  local deadline=$((SECONDS + $3))
+  until [[ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/hello" -H "x-api-key: $2")" == "$1" ]]; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+wait_status 200 "$CP_KEY" 5 || true  # the first poll runs within a second of start-up
+expect "control-plane key demo-cp" 200 "$URL/hello" -H "x-api-key: $CP_KEY"
+body_has '"x-api-key-id": "demo-cp"'
+NEW_KEY="$("$KEYGATE" keys create --id my-app --file "$DEMO_DIR/keys.json" 2>/dev/null)"
+if wait_status 200 "$NEW_KEY" 5; then echo "  ok    new key created with the CLI -> 200"; else echo "  FAIL  new key never accepted"; FAILED=1; fi
+"$KEYGATE" keys revoke my-app --file "$DEMO_DIR/keys.json" >/dev/null
+T0=$SECONDS
+if wait_status 401 "$NEW_KEY" 5; then echo "  ok    revoked with the CLI -> 401 within $((SECONDS - T0 + 1)) s"; else echo "  FAIL  revoked key still accepted"; FAILED=1; fi
 echo "  stats:"
 curl -s "$ADMIN/stats" | grep 'keygate\.' | sed 's/^/        /'
-if grep -q -e "$ALPHA_KEY" -e "$BETA_KEY" "$DEMO_DIR/envoy.log"; then
+if grep -q -e "$ALPHA_KEY" -e "$BETA_KEY" -e "$CP_KEY" -e "$NEW_KEY" "$DEMO_DIR/envoy.log" "$DEMO_DIR/keys.json"; then
   echo "  FAIL  a demo key appears in target/demo/envoy.log"
   FAILED=1
 fi
