@@ -311,8 +311,11 @@ impl KeygateRequest {
         self.metrics.denied(denial.code);
         let state = format!("{} ({})", denial.code.as_str(), denial.reason);
         let _ = abi::set_filter_state(FILTER_STATE_DENIAL, state.as_bytes());
-        let challenge = policy.map_or("Bearer realm=\"keygate\"", |p| p.www_authenticate());
-        let r = reply::render(denial, challenge);
+        let challenge = policy.map_or_else(
+            || "Bearer realm=\"keygate\"".to_string(),
+            |p| p.challenge(denial),
+        );
+        let r = reply::render(denial, &challenge);
         let pairs: Vec<(&[u8], &[u8])> = r
             .headers
             .iter()

@@ -24,6 +24,8 @@ pub enum DenyCode {
     RouteNotAllowed,
     /// The attribute an attachment rule reads is absent.
     MissingAttribute,
+    /// The attribute an attachment rule reads is given more than once.
+    AmbiguousAttribute,
     /// The body an attachment rule reads is not JSON.
     InvalidJsonBody,
     /// The body an attachment rule reads is over `max_body_bytes`.
@@ -36,7 +38,7 @@ pub enum DenyCode {
 
 impl DenyCode {
     /// Every code, in README order.
-    pub const ALL: [DenyCode; 14] = [
+    pub const ALL: [DenyCode; 15] = [
         DenyCode::MissingApiKey,
         DenyCode::MalformedApiKey,
         DenyCode::AmbiguousApiKey,
@@ -47,6 +49,7 @@ impl DenyCode {
         DenyCode::IpNotAllowed,
         DenyCode::RouteNotAllowed,
         DenyCode::MissingAttribute,
+        DenyCode::AmbiguousAttribute,
         DenyCode::InvalidJsonBody,
         DenyCode::BodyTooLarge,
         DenyCode::RateLimited,
@@ -66,6 +69,7 @@ impl DenyCode {
             DenyCode::IpNotAllowed => "ip_not_allowed",
             DenyCode::RouteNotAllowed => "route_not_allowed",
             DenyCode::MissingAttribute => "missing_attribute",
+            DenyCode::AmbiguousAttribute => "ambiguous_attribute",
             DenyCode::InvalidJsonBody => "invalid_json_body",
             DenyCode::BodyTooLarge => "body_too_large",
             DenyCode::RateLimited => "rate_limited",
@@ -85,7 +89,9 @@ impl DenyCode {
             | DenyCode::NotAttached
             | DenyCode::IpNotAllowed
             | DenyCode::RouteNotAllowed => 403,
-            DenyCode::MissingAttribute | DenyCode::InvalidJsonBody => 400,
+            DenyCode::MissingAttribute
+            | DenyCode::AmbiguousAttribute
+            | DenyCode::InvalidJsonBody => 400,
             DenyCode::BodyTooLarge => 413,
             DenyCode::RateLimited => 429,
             DenyCode::KeyListUnavailable => 503,
@@ -110,6 +116,9 @@ impl DenyCode {
             DenyCode::RouteNotAllowed => "This route is not available.",
             DenyCode::MissingAttribute => {
                 "The request does not name the resource this endpoint needs."
+            }
+            DenyCode::AmbiguousAttribute => {
+                "The request names the resource this endpoint needs more than once."
             }
             DenyCode::InvalidJsonBody => "The request body is not valid JSON.",
             DenyCode::BodyTooLarge => "The request body is too large.",
@@ -141,6 +150,9 @@ pub struct Denial {
     pub reason: &'static str,
     /// Present on `rate_limited`.
     pub rate: Option<RateInfo>,
+    /// For 401s: whether the credential sources that applied accept Bearer
+    /// (`None`: the policy's top-level sources decide).
+    pub bearer: Option<bool>,
 }
 
 impl Denial {
@@ -150,6 +162,7 @@ impl Denial {
             code,
             reason,
             rate: None,
+            bearer: None,
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::headers::HeaderMap;
 use crate::keys::{parse_digest, KeyMeta, KeyRecord, KeyStore, BUCKET_PREFIX};
 use crate::ratelimit::{self, CounterStore, Limit, TakeError};
 use crate::rules::{
-    read_json_body, AttachmentCheck, Attribute, BodyValue, Effect, Matcher, RequestLine,
+    read_json_body, AttachmentCheck, AttrValue, Attribute, BodyValue, Effect, Matcher, RequestLine,
     Requirement, Rule,
 };
 
@@ -69,6 +69,7 @@ pub struct Policy {
     identity_header: String,
     strip_credentials: bool,
     www_authenticate: String,
+    realm: String,
     max_body_bytes: usize,
     control_plane: Option<ControlPlane>,
     /// Static keys, kept to merge with each control-plane list.
@@ -226,6 +227,7 @@ impl Policy {
                     identity_header: identity,
                     strip_credentials: cfg.strip_credentials,
                     www_authenticate,
+                    realm: cfg.realm.clone(),
                     max_body_bytes: cfg.max_body_bytes,
                     awaiting_list: control_plane.is_some() && cfg.keys.is_empty(),
                     control_plane,
@@ -291,9 +293,19 @@ impl Policy {
         }
     }
 
-    /// The challenge sent in `WWW-Authenticate` on 401.
+    /// The challenge sent in `WWW-Authenticate` on 401 by default.
     pub fn www_authenticate(&self) -> &str {
         &self.www_authenticate
+    }
+
+    /// The challenge for `denial`: `Bearer` when the credential sources that
+    /// applied accept Bearer, `ApiKey` otherwise.
+    pub fn challenge(&self, denial: &Denial) -> String {
+        match denial.bearer {
+            None => self.www_authenticate.clone(),
+            Some(true) => format!("Bearer realm=\"{}\"", self.realm),
+            Some(false) => format!("ApiKey realm=\"{}\"", self.realm),
+        }
     }
 
     /// Largest body buffered for a JSON-body check.
@@ -359,7 +371,13 @@ impl Policy {
         };
         match self.authorize(headers, &line, requirement, rule_index, host) {
             Ok(a) => Decision::Allow(a),
-            Err(d) => Decision::Deny(d),
+            // The challenge names the sources that applied on this route.
+            Err(d) => Decision::Deny(Denial {
+                bearer: requirement
+                    .and_then(|r| r.extractor.as_ref())
+                    .map(Extractor::accepts_bearer),
+                ..d
+            }),
         }
     }
 
@@ -429,13 +447,21 @@ impl Policy {
                 if attribute.needs_body() {
                     body_check = Some(Hold { record, rule });
                 } else {
-                    let value = attribute
-                        .read_from_request(headers, line)
-                        .ok_or(Denial::new(
-                            DenyCode::MissingAttribute,
-                            "attachment attribute absent",
-                        ))?;
-                    check_attached(meta, set, &value)?;
+                    match attribute.read_from_request(headers, line) {
+                        AttrValue::Found(value) => check_attached(meta, set, &value)?,
+                        AttrValue::Absent => {
+                            return Err(Denial::new(
+                                DenyCode::MissingAttribute,
+                                "attachment attribute absent",
+                            ))
+                        }
+                        AttrValue::Repeated => {
+                            return Err(Denial::new(
+                                DenyCode::AmbiguousAttribute,
+                                "attachment attribute repeated",
+                            ))
+                        }
+                    }
                 }
             }
         }
@@ -546,14 +572,13 @@ fn check_attached(meta: &KeyMeta, set: &str, value: &str) -> Result<(), Denial> 
 
 fn take(host: &dyn Host, bucket: &str, limit: &Limit) -> Result<Option<RateInfo>, Denial> {
     let closed = |reason| Denial {
-        code: DenyCode::RateLimited,
-        reason,
         rate: Some(RateInfo {
             burst: limit.burst,
             window_secs: limit.window_secs(),
             remaining: 0,
             retry_after_secs: 1,
         }),
+        ..Denial::new(DenyCode::RateLimited, reason)
     };
     let now = host
         .monotonic_ns()
@@ -561,9 +586,8 @@ fn take(host: &dyn Host, bucket: &str, limit: &Limit) -> Result<Option<RateInfo>
     match ratelimit::take_shared(host.counters(), bucket, limit, now) {
         Ok(o) if o.allowed => Ok(Some(o.info)),
         Ok(o) => Err(Denial {
-            code: DenyCode::RateLimited,
-            reason: "bucket empty",
             rate: Some(o.info),
+            ..Denial::new(DenyCode::RateLimited, "bucket empty")
         }),
         Err(TakeError::Contention) => Err(closed("bucket update contention (failing closed)")),
         Err(TakeError::Store) => Err(closed("bucket store error (failing closed)")),

@@ -27,11 +27,14 @@ impl<'h> RequestLine<'h> {
             None => (full, &b""[..]),
         };
         let authority = headers.get(b":authority").unwrap_or(b"");
+        let host = strip_port(authority);
+        // `example.com.` is the same host as `example.com`.
+        let host = host.strip_suffix(b".").unwrap_or(host);
         RequestLine {
             method: headers.get(b":method").unwrap_or(b""),
             path,
             query,
-            host: strip_port(authority),
+            host,
         }
     }
 }
@@ -138,22 +141,44 @@ impl Attribute {
     }
 
     /// Reads a header or query value. `None` if absent (or a body attribute).
-    pub fn read_from_request(
-        &self,
-        headers: &HeaderMap<'_>,
-        line: &RequestLine<'_>,
-    ) -> Option<String> {
+    ///
+    /// A header or parameter given more than once is [`AttrValue::Repeated`]:
+    /// backends disagree on which copy counts, so no copy is trusted.
+    pub fn read_from_request(&self, headers: &HeaderMap<'_>, line: &RequestLine<'_>) -> AttrValue {
+        let single = |mut values: Box<dyn Iterator<Item = Option<String>> + '_>| match (
+            values.next(),
+            values.next(),
+        ) {
+            (None, _) => AttrValue::Absent,
+            (Some(_), Some(_)) => AttrValue::Repeated,
+            (Some(Some(v)), None) => AttrValue::Found(v),
+            (Some(None), None) => AttrValue::Absent,
+        };
         match self {
-            Attribute::Header(h) => headers
-                .get(h)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .map(str::to_string),
-            Attribute::Query(name) => form_urlencoded::parse(line.query)
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.into_owned()),
-            Attribute::JsonBody(_) => None,
+            Attribute::Header(h) => single(Box::new(
+                headers
+                    .get_all(h)
+                    .map(|v| std::str::from_utf8(v).ok().map(str::to_string)),
+            )),
+            Attribute::Query(name) => single(Box::new(
+                form_urlencoded::parse(line.query)
+                    .filter(|(k, _)| k == name)
+                    .map(|(_, v)| Some(v.into_owned())),
+            )),
+            Attribute::JsonBody(_) => AttrValue::Absent,
         }
     }
+}
+
+/// A header or query attribute as read from the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttrValue {
+    /// Exactly one value.
+    Found(String),
+    /// Not present (or not UTF-8).
+    Absent,
+    /// Present more than once.
+    Repeated,
 }
 
 /// Outcome of reading a JSON body attribute.
@@ -318,16 +343,29 @@ mod tests {
             ("x-campaign", "c-42"),
         ]);
         assert_eq!(
-            Attribute::Query("campaign".into())
-                .read_from_request(&map, &l)
-                .as_deref(),
-            Some("c-17")
+            Attribute::Query("campaign".into()).read_from_request(&map, &l),
+            AttrValue::Found("c-17".into())
         );
         assert_eq!(
-            Attribute::Header(b"x-campaign".to_vec())
-                .read_from_request(&map, &l)
-                .as_deref(),
-            Some("c-42")
+            Attribute::Header(b"x-campaign".to_vec()).read_from_request(&map, &l),
+            AttrValue::Found("c-42".into())
+        );
+        let (map, l) = line(&[
+            (":path", "/x?campaign=c-17&campaign=c-99"),
+            ("x-c", "a"),
+            ("x-c", "b"),
+        ]);
+        assert_eq!(
+            Attribute::Query("campaign".into()).read_from_request(&map, &l),
+            AttrValue::Repeated
+        );
+        assert_eq!(
+            Attribute::Header(b"x-c".to_vec()).read_from_request(&map, &l),
+            AttrValue::Repeated
+        );
+        assert_eq!(
+            Attribute::Header(b"x-d".to_vec()).read_from_request(&map, &l),
+            AttrValue::Absent
         );
         let top = Attribute::from(&AttributeConfig::JsonBody("flo_campaign_id".into()));
         assert_eq!(top, Attribute::JsonBody("/flo_campaign_id".into()));

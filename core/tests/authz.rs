@@ -431,3 +431,44 @@ fn cold_start_and_staleness_answer_503() {
     .unwrap_err();
     assert!(bad[0].field == "control_plane.poll_interval", "{bad:?}");
 }
+
+#[test]
+fn repeated_attributes_trailing_dots_and_per_route_challenges() {
+    let p = policy();
+    assert_eq!(
+        code(
+            &p,
+            Req::new("GET", "/q?campaign=c-17&campaign=c-99").key("k-sup")
+        ),
+        "ambiguous_attribute"
+    );
+    assert_eq!(
+        code(
+            &p,
+            Req::new("GET", "/h")
+                .key("k-sup")
+                .header("x-campaign", "c-17")
+                .header("x-campaign", "c-99")
+        ),
+        "ambiguous_attribute"
+    );
+    let dotted = Req(vec![
+        (":method".into(), "GET".into()),
+        (":path".into(), "/x".into()),
+        (":authority".into(), "a.bearer.test.:443".into()),
+        ("x-api-key".into(), "k-read".into()),
+    ]);
+    // The bearer-only host rule still applies with a trailing dot.
+    assert_eq!(dotted.decide(&p, &FakeHost::default()).0, "missing_api_key");
+    let map = HeaderMap::from_pairs(vec![(b":path", b"/x"), (b":authority", b"a.bearer.test")]);
+    let Decision::Deny(d) = p.decide(&map, &FakeHost::default()) else {
+        panic!("allowed")
+    };
+    assert_eq!(p.challenge(&d), "Bearer realm=\"keygate\"");
+    let map = HeaderMap::from_pairs(vec![(b":path", b"/q"), (b":authority", b"x")]);
+    let Decision::Deny(d) = p.decide(&map, &FakeHost::default()) else {
+        panic!("allowed")
+    };
+    // Top-level sources here are x-api-key only.
+    assert_eq!(p.challenge(&d), "ApiKey realm=\"keygate\"");
+}

@@ -223,6 +223,7 @@ class _BackendHandler(socketserver.BaseRequestHandler):
                     continue
                 method, path, _version = line.decode("latin-1").split(" ", 2)
                 headers = _read_headers(r)
+                self.server.owner._note_start(path)
                 body = _read_body(r, headers, until_close=False)
                 req = ReceivedRequest(method, path, headers, body)
                 self.server.owner._record(req)
@@ -263,11 +264,22 @@ class Backend:
         self.port: int = self._server.server_address[1]
         self._lock = threading.Lock()
         self._requests: list[ReceivedRequest] = []
+        self._started: list[str] = []
         self._thread: Optional[threading.Thread] = None
 
     def _record(self, req: ReceivedRequest) -> None:
         with self._lock:
             self._requests.append(req)
+
+    def _note_start(self, path: str) -> None:
+        with self._lock:
+            self._started.append(path)
+
+    def started(self, path: str) -> bool:
+        """True once the headers of a request for `path` have arrived, even if
+        its body is still on the way (shows that Envoy streams the body)."""
+        with self._lock:
+            return path in self._started
 
     def start(self) -> "Backend":
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"backend-{self.port}", daemon=True)
@@ -292,6 +304,7 @@ class Backend:
     def clear(self) -> None:
         with self._lock:
             self._requests.clear()
+            self._started.clear()
 
     def find(self, path: str) -> list[ReceivedRequest]:
         """Requests whose path (with query) equals `path`."""
@@ -390,8 +403,9 @@ class RawConnection:
         headers: HeaderList = (),
         body: bytes = b"",
         close: bool = False,
+        host: str = "localhost",
     ) -> Response:
-        return self.send_raw(build_request(method, path, headers, body, close=close), method)
+        return self.send_raw(build_request(method, path, headers, body, host=host, close=close), method)
 
     def close(self) -> None:
         try:
@@ -413,10 +427,11 @@ def http_request(
     headers: HeaderList = (),
     body: bytes = b"",
     timeout: float = 10.0,
+    host: str = "localhost",
 ) -> Response:
     """One request on a fresh connection."""
     with RawConnection(port, timeout=timeout) as c:
-        return c.request(method, path, headers, body, close=True)
+        return c.request(method, path, headers, body, close=True, host=host)
 
 
 def unique_path(tag: str = "t") -> str:
@@ -598,6 +613,18 @@ def lds_document(listen_port: int, http_filters: list[dict], hcm_extra: Optional
     return {"version_info": str(version), "resources": [lst]}
 
 
+# Access-log line written with `Envoy(access_log=True)`: keygate's denial
+# ("<code> (<reason>)") comes from the filter state it sets.
+ACCESS_LOG_FORMAT = {
+    "status": "%RESPONSE_CODE%",
+    "path": "%REQ(:PATH)%",
+    "method": "%REQ(:METHOD)%",
+    "denial": "%FILTER_STATE(wasm.keygate_denial:PLAIN)%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "upstream": "%UPSTREAM_HOST%",
+}
+
+
 class Envoy:
     """Runs one Envoy with keygate (or, with `with_wasm=False`, a plain proxy).
 
@@ -620,12 +647,16 @@ class Envoy:
         ready_timeout: float = 30.0,
         config_text: Optional[str] = None,
         dynamic_listener: bool = False,
+        access_log: bool = False,
     ):
         """`config_text`, if given, is used as the whole bootstrap (YAML) instead
         of the generated one; it may contain `{port}`, `{admin_port}` and
         `{backend_port}`, filled in at start. With `dynamic_listener`, the
         listener is served by file-based LDS so that `reconfigure()` can
-        change the plugin configuration of a running Envoy."""
+        change the plugin configuration of a running Envoy. With `access_log`,
+        every request is written as one JSON line to `access.log` (flushed
+        every 100 ms), including keygate's denial filter state; read it with
+        `access_log_entries()`."""
         self.backend_port = backend_port
         self.plugin_config = plugin_config
         self.with_wasm = with_wasm
@@ -637,6 +668,7 @@ class Envoy:
         self.ready_timeout = ready_timeout
         self.config_text = config_text
         self.dynamic_listener = dynamic_listener
+        self.access_log = access_log
         self.lds_version = 0
         self.returncode: Optional[int] = None
         self.base_id = random.randint(10_000, 2_000_000_000)
@@ -665,6 +697,53 @@ class Envoy:
     def stdio_path(self) -> Path:
         assert self.workdir is not None
         return self.workdir / "envoy.stdio"
+
+    @property
+    def access_log_path(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "access.log"
+
+    def access_log_entries(self) -> list[dict]:
+        """The access log so far (needs `access_log=True`), one dict per request."""
+        try:
+            text = self.access_log_path.read_text("utf-8", "replace")
+        except OSError:
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line still being written
+                pass
+        return out
+
+    def access_log_entry(self, path: str, timeout: float = 5.0) -> dict:
+        """The access-log entry of the request for `path` (waits for the flush)."""
+        found: list[dict] = []
+
+        def look() -> bool:
+            found[:] = [e for e in self.access_log_entries() if e.get("path") == path]
+            return bool(found)
+
+        assert wait_until(look, timeout=timeout), f"no access-log entry for {path}"
+        assert len(found) == 1, found
+        return found[0]
+
+    def _hcm_extra(self) -> Optional[dict]:
+        if not self.access_log:
+            return self.hcm_extra
+        extra = dict(self.hcm_extra or {})
+        extra["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": str(self.access_log_path),
+                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                },
+            }
+        ]
+        return extra
 
     def log_text(self) -> str:
         """The log file plus anything Envoy wrote on stdout/stderr."""
@@ -695,7 +774,7 @@ class Envoy:
             lds_path = self.workdir / "lds" / "listeners.json"
             lds_path.parent.mkdir()
             self._write_lds(filters)
-        cfg = bootstrap(self.port, self.admin_port, self.backend_port, filters, self.hcm_extra, lds_path)
+        cfg = bootstrap(self.port, self.admin_port, self.backend_port, filters, self._hcm_extra(), lds_path)
         path = self.workdir / "envoy.json"
         path.write_text(json.dumps(cfg, indent=2))
         return path
@@ -708,7 +787,7 @@ class Envoy:
         self.lds_version += 1
         final = self.workdir / "lds" / "listeners.json"
         tmp = self.workdir / "lds" / f".listeners.{self.lds_version}.tmp"
-        tmp.write_text(json.dumps(lds_document(self.port, filters, self.hcm_extra, self.lds_version), indent=2))
+        tmp.write_text(json.dumps(lds_document(self.port, filters, self._hcm_extra(), self.lds_version), indent=2))
         os.replace(tmp, final)  # Envoy reacts to the atomic move
 
     def reconfigure(self, plugin_config: Union[str, dict], timeout: float = 15.0) -> None:
@@ -755,6 +834,8 @@ class Envoy:
         ]
         if self.component_log_level:
             cmd += ["--component-log-level", self.component_log_level]
+        if self.access_log:
+            cmd += ["--file-flush-interval-msec", "100"]
         self._out = open(self.stdio_path, "wb")
         self.proc = subprocess.Popen(
             cmd,
@@ -873,8 +954,9 @@ class Envoy:
         path: str = "/",
         headers: HeaderList = (),
         body: bytes = b"",
+        host: str = "localhost",
     ) -> Response:
-        return http_request(self.port, method, path, headers, body)
+        return http_request(self.port, method, path, headers, body, host=host)
 
     def connect(self) -> RawConnection:
         return RawConnection(self.port)
@@ -902,3 +984,217 @@ def bearer(key: str) -> tuple[str, str]:
 
 def xkey(key: HeaderValue) -> tuple[str, HeaderValue]:
     return ("x-api-key", key)
+
+
+# ---------------------------------------------------------------------------
+# HTTP/2 (h2c, prior knowledge) frame by frame, with the `h2` library
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class H2Result:
+    """What came back on one HTTP/2 stream."""
+
+    status: Optional[int]  # None if the stream was reset before any response
+    headers: list[tuple[str, str]]
+    body: bytes
+    reset_code: Optional[int]  # RST_STREAM error code, if the stream was reset
+
+    def response(self) -> Response:
+        assert self.status is not None, f"stream reset (code {self.reset_code}) without a response"
+        return Response(self.status, "", self.headers, self.body)
+
+
+def h2_exchange(
+    port: int,
+    method: str,
+    path: str,
+    headers: HeaderList = (),
+    body_chunks: Sequence[bytes] = (),
+    trailers: Optional[HeaderList] = None,
+    authority: str = "localhost",
+    pause: float = 0.0,
+    timeout: float = 10.0,
+) -> H2Result:
+    """One request on a fresh h2c connection, sent frame by frame: HEADERS
+    (END_STREAM only if there is neither body nor trailers), one DATA frame
+    per chunk (END_STREAM on the last one only if there are no trailers),
+    then the trailers as a HEADERS frame with END_STREAM. `pause` seconds
+    are waited after each frame. Header names are sent as given, so pass
+    them in lowercase."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn = h2.connection.H2Connection(
+        config=h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
+    )
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    sid = conn.get_next_available_stream_id()
+    result = H2Result(None, [], b"", None)
+    done = False
+
+    def handle(events) -> None:
+        nonlocal done
+        for ev in events:
+            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                hs = [(_s(n).lower(), _s(v)) for n, v in ev.headers]
+                status = [v for n, v in hs if n == ":status"]
+                if status and not status[0].startswith("1"):
+                    result.status = int(status[0])
+                    result.headers = [(n, v) for n, v in hs if not n.startswith(":")]
+            elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                result.body += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                done = True
+            elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                result.reset_code = int(ev.error_code)
+                done = True
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                done = True
+
+    def pump(block: bool) -> None:
+        """Read what is available (or wait for something if `block`)."""
+        sock.settimeout(timeout if block else 0.0)
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, socket.timeout):
+            if block:
+                raise TimeoutError(f"no HTTP/2 reply within {timeout}s")
+            return
+        except OSError:
+            data = b""
+        finally:
+            sock.settimeout(timeout)
+        if not data:
+            nonlocal done
+            done = True
+            return
+        handle(conn.receive_data(data))
+        out = conn.data_to_send()
+        if out:
+            sock.sendall(out)
+
+    def flush() -> None:
+        out = conn.data_to_send()
+        if out:
+            sock.sendall(out)
+        if pause:
+            time.sleep(pause)
+        pump(block=False)
+
+    try:
+        req = [(":method", method), (":path", path), (":authority", authority), (":scheme", "http")]
+        req += [(_b(n).decode("latin-1"), v) for n, v in headers]
+        conn.send_headers(sid, [(_b(n), _b(v)) for n, v in req], end_stream=not body_chunks and trailers is None)
+        flush()
+        for i, chunk in enumerate(body_chunks):
+            last = i == len(body_chunks) - 1
+            view = memoryview(chunk)
+            while True:
+                if done:
+                    break
+                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if window <= 0 and len(view):
+                    pump(block=True)
+                    continue
+                piece, view = view[:window], view[window:]
+                conn.send_data(sid, bytes(piece), end_stream=last and trailers is None and not len(view))
+                if not len(view):
+                    break
+            flush()
+            if done:
+                break
+        if trailers is not None and not done:
+            conn.send_headers(sid, [(_b(n), _b(v)) for n, v in trailers], end_stream=True)
+            flush()
+        while not done:
+            pump(block=True)
+    except h2.exceptions.StreamClosedError:
+        while not done:
+            pump(block=True)
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+    return result
+
+
+def _s(v: HeaderValue) -> str:
+    return v.decode("latin-1") if isinstance(v, bytes) else v
+
+
+# ---------------------------------------------------------------------------
+# keygate's replies
+# ---------------------------------------------------------------------------
+
+# Every public denial code and its HTTP status (the README's table).
+DENIAL_STATUS = {
+    "missing_api_key": 401,
+    "malformed_api_key": 401,
+    "ambiguous_api_key": 401,
+    "invalid_api_key": 401,
+    "expired_api_key": 401,
+    "insufficient_scope": 403,
+    "not_attached": 403,
+    "ip_not_allowed": 403,
+    "route_not_allowed": 403,
+    "missing_attribute": 400,
+    "invalid_json_body": 400,
+    "body_too_large": 413,
+    "rate_limited": 429,
+    "key_list_unavailable": 503,
+}
+
+
+def check_denial(
+    r: Response,
+    code: str,
+    *,
+    challenge: Optional[str] = None,
+    secrets_: Sequence[Union[str, bytes]] = (),
+) -> dict:
+    """`r` is keygate's local reply for `code`: its status, the JSON body
+    {"error", "message"}, no-store, WWW-Authenticate exactly on 401 (equal to
+    `challenge` plus `, error="invalid_token"` except on missing_api_key, when
+    `challenge` is given), Retry-After and RateLimit headers exactly on 429,
+    and none of `secrets_` anywhere in it. Returns the parsed body."""
+    assert r.status == DENIAL_STATUS[code], r
+    assert r.header("content-type") == "application/json", r
+    assert r.header("cache-control") == "no-store", r
+    body = r.json()
+    assert set(body) == {"error", "message"}, body
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str) and body["message"], body
+    challenges = r.header_all("www-authenticate")
+    if r.status == 401:
+        assert len(challenges) == 1, r
+        if challenge is not None:
+            want = challenge if code == "missing_api_key" else challenge + ', error="invalid_token"'
+            assert challenges == [want], r
+    else:
+        assert challenges == [], r
+    rate_headers = [r.header(h) for h in ("retry-after", "ratelimit-policy", "ratelimit")]
+    if r.status == 429:
+        assert all(v is not None for v in rate_headers), r
+        assert rate_headers[0].isdigit() and int(rate_headers[0]) >= 1, r
+    else:
+        assert rate_headers == [None, None, None], r
+    raw = r.body + json.dumps(r.headers).encode()
+    for s in secrets_:
+        s_b = _b(s)
+        if len(s_b) >= 4:
+            assert s_b not in raw, f"reply leaks {s_b[:4]!r}...: {r}"
+    return body
