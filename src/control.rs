@@ -217,9 +217,9 @@ impl Poller {
         base: &Policy,
         cp: &ControlPlane,
         metrics: &PollMetrics,
-    ) {
+    ) -> TickAction {
         if self.in_flight != Some(token) {
-            return;
+            return TickAction::Nothing;
         }
         self.in_flight = None;
         let raw = if num_headers == 0 {
@@ -257,18 +257,22 @@ impl Poller {
                     p.confirmed_ns = abi::monotonic_ns().unwrap_or(p.confirmed_ns);
                     let _ = abi::set_shared_data(META_KEY, &p.encode(), cas);
                 }
+                TickAction::Nothing
             }
             FetchOutcome::Updated { list, etag } => {
-                if let Err(errors) = base.with_key_list(&list) {
-                    PollMetrics::count(metrics.failed);
-                    for e in &errors {
-                        abi::log(
-                            Level::Error,
-                            &format!("control-plane key list refused: {e}"),
-                        );
+                let policy = match base.with_key_list(&list) {
+                    Ok(p) => p,
+                    Err(errors) => {
+                        PollMetrics::count(metrics.failed);
+                        for e in &errors {
+                            abi::log(
+                                Level::Error,
+                                &format!("control-plane key list refused: {e}"),
+                            );
+                        }
+                        return TickAction::Nothing;
                     }
-                    return;
-                }
+                };
                 PollMetrics::count(metrics.ok);
                 let unchanged = published.as_ref().is_some_and(|(p, _)| {
                     p.version == list.version && etag.as_deref() == Some(p.etag.as_str())
@@ -287,10 +291,13 @@ impl Poller {
                         Level::Error,
                         "could not publish the key list in shared data",
                     );
-                    return;
+                    return TickAction::Nothing;
                 }
                 let cas = published.map_or(0, |(_, cas)| cas);
-                let _ = abi::set_shared_data(META_KEY, &next.encode(), cas);
+                let published_now = matches!(
+                    abi::set_shared_data(META_KEY, &next.encode(), cas),
+                    Ok(true)
+                );
                 if !unchanged {
                     abi::log(
                         Level::Info,
@@ -301,6 +308,14 @@ impl Poller {
                         ),
                     );
                 }
+                if published_now && !unchanged {
+                    // This VM built the policy already: switch now, skip the re-parse.
+                    self.seen_generation = Some(next.generation);
+                    PollMetrics::set(metrics.version, next.version);
+                    PollMetrics::set(metrics.keys, policy.keys().len() as u64);
+                    return TickAction::Switch(Box::new(policy));
+                }
+                TickAction::Nothing
             }
             FetchOutcome::Failed(reason) => {
                 PollMetrics::count(metrics.failed);
@@ -308,6 +323,7 @@ impl Poller {
                     Level::Warn,
                     &format!("control-plane fetch failed, keeping the last good list: {reason}"),
                 );
+                TickAction::Nothing
             }
         }
     }

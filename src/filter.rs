@@ -59,7 +59,9 @@ impl Context for KeygateRoot {
             return;
         };
         if let Some(cp) = base.control_plane() {
-            poller.on_response(token, num_headers, body_size, &base, cp, &self.poll_metrics);
+            let action =
+                poller.on_response(token, num_headers, body_size, &base, cp, &self.poll_metrics);
+            self.switch(action);
         }
     }
 }
