@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keygate_core::control::{classify, ControlPlane, FetchOutcome, Lease, Published};
 use keygate_core::headers::HeaderMap;
-use keygate_core::policy::validate_key_list;
+use keygate_core::policy::compile_key_list;
 use keygate_core::Policy;
 
 use crate::abi::{self, Level};
@@ -144,7 +144,7 @@ impl Poller {
             return TickAction::Nothing;
         };
         self.seen_generation = Some(p.generation);
-        let merged = validate_key_list(&bytes).and_then(|list| base.with_key_list(&list));
+        let merged = compile_key_list(&bytes).and_then(|list| base.with_key_list(list));
         match merged {
             Ok(policy) => {
                 PollMetrics::set(metrics.version, p.version);
@@ -260,7 +260,8 @@ impl Poller {
                 TickAction::Nothing
             }
             FetchOutcome::Updated { list, etag } => {
-                let policy = match base.with_key_list(&list) {
+                let (version, listed) = (list.version, list.keys.len());
+                let policy = match base.with_key_list(list) {
                     Ok(p) => p,
                     Err(errors) => {
                         PollMetrics::count(metrics.failed);
@@ -275,10 +276,10 @@ impl Poller {
                 };
                 PollMetrics::count(metrics.ok);
                 let unchanged = published.as_ref().is_some_and(|(p, _)| {
-                    p.version == list.version && etag.as_deref() == Some(p.etag.as_str())
+                    p.version == version && etag.as_deref() == Some(p.etag.as_str())
                 });
                 let next = Published {
-                    version: list.version,
+                    version,
                     generation: published
                         .as_ref()
                         .map_or(1, |(p, _)| p.generation + u64::from(!unchanged)),
@@ -303,8 +304,7 @@ impl Poller {
                         Level::Info,
                         &format!(
                             "control-plane key list version {} published ({} keys)",
-                            next.version,
-                            list.keys.len()
+                            next.version, listed
                         ),
                     );
                 }

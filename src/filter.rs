@@ -88,7 +88,12 @@ impl RootContext for KeygateRoot {
             }
         };
         if policy.keys().len() <= PRECREATE_BUCKETS_UP_TO {
-            for key in policy.keys().records().iter().filter(|k| k.limit.is_some()) {
+            for key in policy
+                .keys()
+                .records()
+                .iter()
+                .filter(|k| policy.limit_of(k).is_some())
+            {
                 if ensure_bucket(&SharedCounters, key.bucket_key()).is_err() {
                     abi::log(
                         Level::Warn,

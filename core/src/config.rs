@@ -13,8 +13,9 @@ pub struct Config {
     #[serde(default = "default_sources")]
     pub credential_sources: Vec<SourceConfig>,
     /// The key list: ids and SHA-256 digests, never plaintext keys.
+    /// Compiled while it is parsed, so a large list is never held twice.
     #[serde(default)]
-    pub keys: Vec<KeyConfig>,
+    pub keys: crate::policy::CompiledKeys,
     /// Default per-key rate limit. Absent means no rate limit.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,

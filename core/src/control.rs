@@ -7,8 +7,7 @@
 
 use serde::Deserialize;
 
-use crate::config::KeyList;
-use crate::policy::{validate_key_list, ConfigError};
+use crate::policy::{compile_key_list, CompiledKeyList, ConfigError};
 
 /// `control_plane` in the plugin configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -168,7 +167,7 @@ pub enum FetchOutcome {
     /// A valid, newer list with its ETag.
     Updated {
         /// The list.
-        list: KeyList,
+        list: CompiledKeyList,
         /// Its ETag, for `If-None-Match`.
         etag: Option<String>,
     },
@@ -192,7 +191,7 @@ pub fn classify(
         Some(200) if body_truncated => {
             FetchOutcome::Failed("key list larger than max_list_bytes".into())
         }
-        Some(200) => match validate_key_list(body) {
+        Some(200) => match compile_key_list(body) {
             Err(errors) => FetchOutcome::Failed(format!(
                 "invalid key list: {}",
                 errors.first().map(ToString::to_string).unwrap_or_default()

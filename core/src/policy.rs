@@ -6,14 +6,13 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::config::{
-    Config, DefaultAction, KeyConfig, KeyList, RateLimitConfig, RuleAction, RuleConfig,
-    SourceConfig,
+    Config, DefaultAction, KeyConfig, RateLimitConfig, RuleAction, RuleConfig, SourceConfig,
 };
 use crate::control::{ControlPlane, StalePolicy};
 use crate::credential::{Credential, Extractor, Source};
 use crate::denial::{Denial, DenyCode, RateInfo};
 use crate::headers::HeaderMap;
-use crate::keys::{parse_digest, KeyMeta, KeyRecord, KeyStore, BUCKET_PREFIX};
+use crate::keys::{parse_digest, Digest, KeyMeta, KeyRecord, KeyStore, BUCKET_PREFIX};
 use crate::ratelimit::{self, CounterStore, Limit, TakeError};
 use crate::rules::{
     read_json_body, AttachmentCheck, AttrValue, Attribute, BodyValue, Effect, Matcher, RequestLine,
@@ -72,8 +71,8 @@ pub struct Policy {
     realm: String,
     max_body_bytes: usize,
     control_plane: Option<ControlPlane>,
-    /// Static keys, kept to merge with each control-plane list.
-    static_keys: Vec<KeyConfig>,
+    /// Static keys, compiled, kept to merge with each control-plane list.
+    static_keys: Vec<Entry>,
     default_limit: Option<Limit>,
     /// Control plane configured, no list yet, no static keys: 503.
     awaiting_list: bool,
@@ -128,7 +127,7 @@ impl Policy {
     /// Parses and compiles plugin configuration JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Policy, Vec<ConfigError>> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." || path == "?" || path.is_empty() {
                 "configuration".to_string()
@@ -137,11 +136,17 @@ impl Policy {
             };
             vec![err(field, e.into_inner().to_string())]
         })?;
-        Policy::compile(&cfg)
+        let entries = std::mem::take(&mut cfg.keys.entries);
+        Policy::build(&cfg, entries)
     }
 
     /// Validates `cfg` and builds the indexes. Returns every problem found.
     pub fn compile(cfg: &Config) -> Result<Policy, Vec<ConfigError>> {
+        Policy::build(cfg, cfg.keys.entries.clone())
+    }
+
+    /// `compile`, with the key records moved in rather than copied.
+    fn build(cfg: &Config, entries: Vec<Entry>) -> Result<Policy, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let extractor = compile_sources(
             &cfg.credential_sources,
@@ -205,7 +210,15 @@ impl Policy {
             .rate_limit
             .as_ref()
             .and_then(|l| compile_limit(l, "rate_limit", &mut errors));
-        let keys = compile_keys(&cfg.keys, default_limit, &mut errors);
+        errors.extend(cfg.keys.errors.iter().cloned());
+        errors.extend(failed_duplicate_ids(&entries, &cfg.keys.failed_ids));
+        // Kept only to merge with control-plane lists.
+        let static_keys = if cfg.control_plane.is_some() {
+            entries.clone()
+        } else {
+            Vec::new()
+        };
+        let keys = build_store(entries, &mut errors);
         let control_plane = cfg
             .control_plane
             .as_ref()
@@ -229,9 +242,9 @@ impl Policy {
                     www_authenticate,
                     realm: cfg.realm.clone(),
                     max_body_bytes: cfg.max_body_bytes,
-                    awaiting_list: control_plane.is_some() && cfg.keys.is_empty(),
+                    awaiting_list: control_plane.is_some() && static_keys.is_empty(),
                     control_plane,
-                    static_keys: cfg.keys.clone(),
+                    static_keys,
                     default_limit,
                     list_version: None,
                 })
@@ -243,6 +256,11 @@ impl Policy {
     /// The key list.
     pub fn keys(&self) -> &KeyStore {
         &self.keys
+    }
+
+    /// The effective limit of a key: its own, else the default.
+    pub fn limit_of(&self, key: &KeyRecord) -> Option<Limit> {
+        key.limit.or(self.default_limit)
     }
 
     /// The control plane, if one is configured.
@@ -257,11 +275,17 @@ impl Policy {
 
     /// This policy with the static keys merged with a control-plane list.
     /// A key in both (same id or same digest) is an error; nothing changes then.
-    pub fn with_key_list(&self, list: &KeyList) -> Result<Policy, Vec<ConfigError>> {
+    pub fn with_key_list(&self, list: CompiledKeyList) -> Result<Policy, Vec<ConfigError>> {
+        let n = self.static_keys.len();
         let mut merged = self.static_keys.clone();
-        merged.extend(list.keys.iter().cloned());
+        merged.extend(
+            list.keys
+                .entries
+                .into_iter()
+                .map(|(d, r, i)| (d, r, i + n as u32)),
+        );
         let mut errors = Vec::new();
-        let keys = compile_keys(&merged, self.default_limit, &mut errors);
+        let keys = build_store(merged, &mut errors);
         match keys {
             Some(keys) if errors.is_empty() => Ok(Policy {
                 keys,
@@ -270,7 +294,6 @@ impl Policy {
                 ..self.clone()
             }),
             _ => {
-                let n = self.static_keys.len();
                 // Name control-plane records by their index in the list.
                 for e in &mut errors {
                     if let Some(i) = e
@@ -288,7 +311,14 @@ impl Policy {
                         }
                     }
                 }
-                Err(errors)
+                let mut all: Vec<ConfigError> = list
+                    .keys
+                    .errors
+                    .iter()
+                    .map(|e| err(format!("key_list.{}", e.field), e.message.clone()))
+                    .collect();
+                all.append(&mut errors);
+                Err(all)
             }
         }
     }
@@ -467,7 +497,10 @@ impl Policy {
         }
         // The rate limit is taken after every header-level check and before
         // any body is buffered, so a flood is refused without buffering.
-        let rate = match (requirement.and_then(|r| r.limit.as_ref()), &key.limit) {
+        let rate = match (
+            requirement.and_then(|r| r.limit.as_ref()),
+            &self.limit_of(key),
+        ) {
             (Some((limit, prefix)), _) => {
                 let bucket = format!("{prefix}{}", key.id());
                 take(host, &bucket, limit)?
@@ -647,7 +680,15 @@ pub fn validate_key_list(bytes: &[u8]) -> Result<crate::config::KeyList, Vec<Con
         vec![err(field, e.into_inner().to_string())]
     })?;
     let mut errors = Vec::new();
-    let _ = compile_keys(&list.keys, None, &mut errors);
+    let entries: Vec<Entry> = list
+        .keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| {
+            compile_key(k, &format!("keys[{i}]"), &mut errors).map(|(d, r)| (d, r, i as u32))
+        })
+        .collect();
+    let _ = build_store(entries, &mut errors);
     if errors.is_empty() {
         Ok(list)
     } else {
@@ -655,45 +696,172 @@ pub fn validate_key_list(bytes: &[u8]) -> Result<crate::config::KeyList, Vec<Con
     }
 }
 
-fn compile_keys(
-    keys: &[KeyConfig],
-    default_limit: Option<Limit>,
-    errors: &mut Vec<ConfigError>,
-) -> Option<KeyStore> {
-    let mut ids = HashSet::new();
-    let mut entries = Vec::with_capacity(keys.len());
-    for (i, k) in keys.iter().enumerate() {
-        let field = format!("keys[{i}]");
-        if k.id.is_empty() || k.id.len() > 128 || !k.id.bytes().all(|b| (0x21..=0x7e).contains(&b))
-        {
-            errors.push(err(
-                format!("{field}.id"),
-                "must be 1-128 visible ASCII characters",
-            ));
-        } else if !ids.insert(k.id.as_str()) {
-            errors.push(err(
-                format!("{field}.id"),
-                format!("duplicate id {:?}", k.id),
-            ));
-        }
-        let digest = parse_digest(&k.sha256);
-        if digest.is_none() {
-            errors.push(err(
-                format!("{field}.sha256"),
-                "must be 64 hex characters (the SHA-256 of the key, never the key)",
-            ));
-        }
-        let own = k
-            .rate_limit
-            .as_ref()
-            .and_then(|l| compile_limit(l, &format!("{field}.rate_limit"), errors));
-        let meta = compile_meta(k, &field, errors);
-        if let Some(d) = digest {
-            entries.push((d, KeyRecord::new(&k.id, own.or(default_limit), meta)));
-        }
+/// A compiled key record with its position in the list it came from.
+type Entry = (Digest, KeyRecord, u32);
+
+/// Key records compiled one by one as they are parsed (each `KeyConfig` is
+/// dropped right away), with the problems found in them. Duplicates are
+/// checked when the records are indexed.
+#[derive(Debug, Clone, Default)]
+pub struct CompiledKeys {
+    entries: Vec<Entry>,
+    errors: Vec<ConfigError>,
+    /// Ids of records that failed, still checked for duplicates.
+    failed_ids: Vec<(String, u32)>,
+}
+
+impl CompiledKeys {
+    /// Number of records that compiled.
+    pub fn len(&self) -> usize {
+        self.entries.len()
     }
-    match KeyStore::build(entries) {
-        Ok(store) => Some(store),
+
+    /// True when no record compiled.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CompiledKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Records;
+        impl<'de> serde::de::Visitor<'de> for Records {
+            type Value = CompiledKeys;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of key records")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<CompiledKeys, A::Error> {
+                let mut out = CompiledKeys::default();
+                let mut i = 0u32;
+                while let Some(k) = seq.next_element::<KeyConfig>()? {
+                    match compile_key(&k, &format!("keys[{i}]"), &mut out.errors) {
+                        Some((d, r)) => out.entries.push((d, r, i)),
+                        None => out.failed_ids.push((k.id, i)),
+                    }
+                    i += 1;
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(Records)
+    }
+}
+
+/// A control-plane key list compiled for the filter (same JSON as [`KeyList`]).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompiledKeyList {
+    /// The list's version.
+    #[serde(default)]
+    pub version: u64,
+    /// Its records.
+    #[serde(default)]
+    pub keys: CompiledKeys,
+}
+
+/// Parses and compiles a control-plane key list, reporting every problem.
+pub fn compile_key_list(bytes: &[u8]) -> Result<CompiledKeyList, Vec<ConfigError>> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let list: CompiledKeyList = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if matches!(path.as_str(), "." | "?" | "") {
+            "key list".to_string()
+        } else {
+            path
+        };
+        vec![err(field, e.into_inner().to_string())]
+    })?;
+    // Duplicates (within the list and with static keys) are found when the
+    // list is merged: `Policy::with_key_list`.
+    if list.keys.errors.is_empty() {
+        Ok(list)
+    } else {
+        Err(list.keys.errors)
+    }
+}
+
+/// One record, without the list-wide checks (duplicates).
+fn compile_key(
+    k: &KeyConfig,
+    field: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<(Digest, KeyRecord)> {
+    let before = errors.len();
+    if k.id.is_empty() || k.id.len() > 128 || !k.id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        errors.push(err(
+            format!("{field}.id"),
+            "must be 1-128 visible ASCII characters",
+        ));
+    }
+    let digest = parse_digest(&k.sha256);
+    if digest.is_none() {
+        errors.push(err(
+            format!("{field}.sha256"),
+            "must be 64 hex characters (the SHA-256 of the key, never the key)",
+        ));
+    }
+    let own = k
+        .rate_limit
+        .as_ref()
+        .and_then(|l| compile_limit(l, &format!("{field}.rate_limit"), errors));
+    let meta = compile_meta(k, field, errors);
+    match digest {
+        Some(d) if errors.len() == before => Some((d, KeyRecord::new(&k.id, own, meta))),
+        _ => None,
+    }
+}
+
+/// Duplicate ids involving a record that failed to compile (duplicates among
+/// compiled records are reported by `build_store`).
+fn failed_duplicate_ids(entries: &[Entry], failed: &[(String, u32)]) -> Vec<ConfigError> {
+    if failed.is_empty() {
+        return Vec::new();
+    }
+    let mut ids: Vec<(&str, u32, bool)> = entries
+        .iter()
+        .map(|(_, r, i)| (r.id(), *i, false))
+        .collect();
+    ids.extend(
+        failed
+            .iter()
+            .filter(|(id, _)| !id.is_empty())
+            .map(|(id, i)| (id.as_str(), *i, true)),
+    );
+    ids.sort_unstable();
+    ids.windows(2)
+        .filter(|w| w[0].0 == w[1].0 && (w[0].2 || w[1].2))
+        .map(|w| {
+            err(
+                format!("keys[{}].id", w[0].1.max(w[1].1)),
+                format!("duplicate id {:?}", w[1].0),
+            )
+        })
+        .collect()
+}
+
+/// Indexes compiled records, reporting duplicate ids and digests.
+fn build_store(entries: Vec<Entry>, errors: &mut Vec<ConfigError>) -> Option<KeyStore> {
+    let mut ids: Vec<(&str, u32)> = entries.iter().map(|(_, r, i)| (r.id(), *i)).collect();
+    ids.sort_unstable();
+    let mut dup_ids: Vec<ConfigError> = ids
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| {
+            err(
+                format!("keys[{}].id", w[0].1.max(w[1].1)),
+                format!("duplicate id {:?}", w[1].0),
+            )
+        })
+        .collect();
+    drop(ids);
+    let had_dup_ids = !dup_ids.is_empty();
+    errors.append(&mut dup_ids);
+    match KeyStore::build(entries.into_iter().map(|(d, r, _)| (d, r)).collect()) {
+        Ok(store) if !had_dup_ids => Some(store),
+        Ok(_) => None,
         Err(dups) => {
             for id in dups {
                 errors.push(err(

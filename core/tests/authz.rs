@@ -345,10 +345,10 @@ fn control_plane_lists_merge_with_static_keys() {
     )
     .unwrap();
     let list = |v: serde_json::Value| {
-        keygate_core::policy::validate_key_list(v.to_string().as_bytes()).unwrap()
+        keygate_core::policy::compile_key_list(v.to_string().as_bytes()).unwrap()
     };
     let merged = base
-        .with_key_list(&list(
+        .with_key_list(list(
             serde_json::json!({"version": 3, "keys": [{"id": "dyn", "sha256": h("k-dyn")}]}),
         ))
         .unwrap();
@@ -364,7 +364,7 @@ fn control_plane_lists_merge_with_static_keys() {
     assert_eq!(get(&base, "k-dyn"), "invalid_api_key");
     // A clash with a static key is refused, naming the list record.
     let clash = base
-        .with_key_list(&list(
+        .with_key_list(list(
             serde_json::json!({"version": 4, "keys": [{"id": "static", "sha256": h("k-other")}]}),
         ))
         .unwrap_err();
@@ -405,15 +405,17 @@ fn cold_start_and_staleness_answer_503() {
             true
         }
     }
-    let list = keygate_core::policy::validate_key_list(
+    let list = keygate_core::policy::compile_key_list(
         serde_json::json!({"version": 1, "keys": [{"id": "d", "sha256": h("k-d")}]})
             .to_string()
             .as_bytes(),
     )
     .unwrap();
-    let serve = cfg(serde_json::json!({})).with_key_list(&list).unwrap();
+    let serve = cfg(serde_json::json!({}))
+        .with_key_list(list.clone())
+        .unwrap();
     let closed = cfg(serde_json::json!({"stale_policy": "fail_closed"}))
-        .with_key_list(&list)
+        .with_key_list(list)
         .unwrap();
     let stale = Stale(FakeHost::default());
     assert_eq!(
