@@ -126,16 +126,7 @@ pub struct Edits<'p, 'h> {
 impl Policy {
     /// Parses and compiles plugin configuration JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Policy, Vec<ConfigError>> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." || path == "?" || path.is_empty() {
-                "configuration".to_string()
-            } else {
-                path
-            };
-            vec![err(field, e.into_inner().to_string())]
-        })?;
+        let mut cfg: Config = parse_json(bytes, "configuration")?;
         let entries = std::mem::take(&mut cfg.keys.entries);
         Policy::build(&cfg, entries)
     }
@@ -666,19 +657,28 @@ fn compile_sources(
     })
 }
 
-/// Parses and validates a key list (control-plane or `keys.json` format)
-/// with the same rules as the `keys` of a plugin configuration.
-pub fn validate_key_list(bytes: &[u8]) -> Result<crate::config::KeyList, Vec<ConfigError>> {
+/// Deserializes JSON, naming the field of the first problem by its path
+/// (`root` when the problem is the document itself).
+fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    root: &str,
+) -> Result<T, Vec<ConfigError>> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let list: crate::config::KeyList = serde_path_to_error::deserialize(de).map_err(|e| {
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let field = if matches!(path.as_str(), "." | "?" | "") {
-            "key list".to_string()
+            root.to_string()
         } else {
             path
         };
         vec![err(field, e.into_inner().to_string())]
-    })?;
+    })
+}
+
+/// Parses and validates a key list (control-plane or `keys.json` format)
+/// with the same rules as the `keys` of a plugin configuration.
+pub fn validate_key_list(bytes: &[u8]) -> Result<crate::config::KeyList, Vec<ConfigError>> {
+    let list: crate::config::KeyList = parse_json(bytes, "key list")?;
     let mut errors = Vec::new();
     let entries: Vec<Entry> = list
         .keys
@@ -764,16 +764,7 @@ pub struct CompiledKeyList {
 
 /// Parses and compiles a control-plane key list, reporting every problem.
 pub fn compile_key_list(bytes: &[u8]) -> Result<CompiledKeyList, Vec<ConfigError>> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let list: CompiledKeyList = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if matches!(path.as_str(), "." | "?" | "") {
-            "key list".to_string()
-        } else {
-            path
-        };
-        vec![err(field, e.into_inner().to_string())]
-    })?;
+    let list: CompiledKeyList = parse_json(bytes, "key list")?;
     // Duplicates (within the list and with static keys) are found when the
     // list is merged: `Policy::with_key_list`.
     if list.keys.errors.is_empty() {
