@@ -77,9 +77,10 @@ pub enum TickAction {
 impl Poller {
     /// A poller with a VM-unique id.
     pub fn new() -> Self {
-        let seed = abi::monotonic_ns().unwrap_or(0) ^ abi::unix_ns().unwrap_or(0).rotate_left(17);
-        let local = 0u8;
-        let me = seed ^ (&local as *const u8 as u64).rotate_left(40) | 1;
+        // VMs are created at different nanoseconds; a collision would only
+        // mean two fetchers for a while, never a wrong list.
+        let me =
+            (abi::monotonic_ns().unwrap_or(0) ^ abi::unix_ns().unwrap_or(0).rotate_left(17)) | 1;
         Poller {
             me,
             seen_generation: None,
