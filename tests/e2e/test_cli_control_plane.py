@@ -10,13 +10,12 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
 
 import pytest
 
 import harness
 from conftest import report
-from test_control_plane import EnvoyWithControlPlane, cp_config
+from test_control_plane import cp_config, start_envoy  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 TRIALS = 20
@@ -70,22 +69,6 @@ def _healthy(port: int) -> bool:
         return False
 
 
-@pytest.fixture
-def envoy_cp(request: pytest.FixtureRequest, backend: harness.Backend, wasm: Path):
-    made: list[harness.Envoy] = []
-
-    def make(port: int) -> harness.Envoy:
-        e = EnvoyWithControlPlane(backend.port, cp_config(poll_interval="1s", timeout="1s"), port, concurrency=2)
-        made.append(e)
-        e.start()
-        return e
-
-    yield make
-    for e in made:
-        e.stop()
-        e.cleanup()
-
-
 def _first_401_after(port: int, key: str, start: threading.Event, t0: list[float], out: list[float], stop_at: float) -> None:
     conn = harness.RawConnection(port)
     try:
@@ -100,11 +83,11 @@ def _first_401_after(port: int, key: str, start: threading.Event, t0: list[float
         conn.close()
 
 
-def test_revocation_reaches_every_worker_within_seconds(served, envoy_cp) -> None:
+def test_revocation_reaches_every_worker_within_seconds(served, start_envoy) -> None:
     keys, port, seed = served
     ids = [f"trial-{i}" for i in range(TRIALS)]
     trial_keys = {i: cli("keys", "create", "--id", i, "--scopes", "ingest", "--file", str(keys)).strip() for i in ids}
-    envoy = envoy_cp(port)
+    envoy = start_envoy(cp_config(poll_interval="1s", timeout="1s"), port, concurrency=2)
     assert harness.wait_until(lambda: all(envoy.request("GET", "/", [harness.xkey(k)]).status == 200 for k in trial_keys.values()), timeout=10)
     assert envoy.request("GET", "/", [harness.xkey(seed)]).status == 200
     # The listed file never contains a key, only its masked form.
