@@ -158,6 +158,19 @@ pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
     buffer(PLUGIN_CONFIGURATION, usize::MAX)
 }
 
+/// Up to `max` bytes of the plugin configuration from offset `start`.
+pub fn plugin_configuration_range(start: usize, max: usize) -> Result<Vec<u8>, Status> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: out-pointers are valid; the host allocates through our allocator.
+    let s =
+        unsafe { proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, start, max, &mut data, &mut size) };
+    match s {
+        OK => Ok(unsafe { owned(data, size) }),
+        NOT_FOUND => Ok(Vec::new()),
+        e => Err(e),
+    }
+}
+
 /// The buffered request body, up to `max` bytes.
 pub fn request_body(max: usize) -> Result<Vec<u8>, Status> {
     buffer(REQUEST_BODY, max)

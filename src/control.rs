@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use keygate_core::control::{classify, ControlPlane, FetchOutcome, Lease, Published};
 use keygate_core::headers::HeaderMap;
-use keygate_core::policy::compile_key_list;
+use keygate_core::keys::KeyStore;
+use keygate_core::policy::CompiledKeyList;
 use keygate_core::Policy;
 
 use crate::abi::{self, Level};
@@ -145,7 +146,15 @@ impl Poller {
             return TickAction::Nothing;
         };
         self.seen_generation = Some(p.generation);
-        let merged = compile_key_list(&bytes).and_then(|list| base.with_key_list(list));
+        // The fetcher published the compiled list: adopt it, no JSON parse.
+        let Some(store) = KeyStore::from_bytes(bytes) else {
+            abi::log(Level::Error, "published key list is corrupt; not applied");
+            return TickAction::Nothing;
+        };
+        let merged = base.with_key_list(CompiledKeyList {
+            version: p.version,
+            store: std::sync::Arc::new(store),
+        });
         match merged {
             Ok(policy) => {
                 PollMetrics::set(metrics.version, p.version);
@@ -261,7 +270,9 @@ impl Poller {
                 TickAction::Nothing
             }
             FetchOutcome::Updated { list, etag } => {
-                let (version, listed) = (list.version, list.keys.len());
+                let (version, listed) = (list.version, list.store.len());
+                let store = list.store.clone();
+                drop(body);
                 let policy = match base.with_key_list(list) {
                     Ok(p) => p,
                     Err(errors) => {
@@ -287,7 +298,7 @@ impl Poller {
                     confirmed_ns: abi::monotonic_ns().unwrap_or(0),
                     etag: etag.unwrap_or_default(),
                 };
-                if !unchanged && abi::set_shared_data(LIST_KEY, &body, 0).is_err() {
+                if !unchanged && abi::set_shared_data(LIST_KEY, store.as_bytes(), 0).is_err() {
                     PollMetrics::count(metrics.failed);
                     abi::log(
                         Level::Error,

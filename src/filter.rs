@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use keygate_core::headers::{self, HeaderMap};
+use keygate_core::keys::{BucketName, BUCKET_PREFIX};
 use keygate_core::policy::{parse_source_address, Allowed, Decision, Hold};
 use keygate_core::ratelimit::{ensure_bucket, CounterStore};
 use keygate_core::{reply, Denial, DenyCode, Host, Policy};
@@ -12,6 +13,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::abi::{self, Level};
+use crate::config_cache;
 use crate::control::{PollMetrics, Poller, TickAction};
 use crate::metrics::Metrics;
 use crate::shared::SharedCounters;
@@ -67,18 +69,8 @@ impl Context for KeygateRoot {
 }
 
 impl RootContext for KeygateRoot {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = match abi::plugin_configuration() {
-            Ok(b) => b,
-            Err(s) => {
-                abi::log(
-                    Level::Error,
-                    &format!("cannot read plugin configuration (status {s})"),
-                );
-                return false;
-            }
-        };
-        let policy = match Policy::from_json(&bytes) {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let policy = match config_cache::load(size) {
             Ok(p) => p,
             Err(errors) => {
                 for e in &errors {
@@ -90,11 +82,13 @@ impl RootContext for KeygateRoot {
         if policy.keys().len() <= PRECREATE_BUCKETS_UP_TO {
             for key in policy
                 .keys()
-                .records()
                 .iter()
                 .filter(|k| policy.limit_of(k).is_some())
             {
-                if ensure_bucket(&SharedCounters, key.bucket_key()).is_err() {
+                let bucket = BucketName::new(BUCKET_PREFIX, key.id());
+                let created =
+                    bucket.is_some_and(|b| ensure_bucket(&SharedCounters, b.as_str()).is_ok());
+                if !created {
                     abi::log(
                         Level::Warn,
                         &format!("cannot create the bucket of key {:?}", key.id()),

@@ -5,6 +5,8 @@
 #[cfg(target_arch = "wasm32")]
 mod abi;
 #[cfg(target_arch = "wasm32")]
+mod config_cache;
+#[cfg(target_arch = "wasm32")]
 mod control;
 #[cfg(target_arch = "wasm32")]
 mod filter;

@@ -3,10 +3,10 @@
 //! These are plain serde types, strict about unknown fields. They carry no
 //! behaviour: [`crate::policy::Policy::compile`] validates and indexes them.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole plugin configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the key may come from, tried in order. Default: `x-api-key`, then Bearer.
@@ -14,7 +14,7 @@ pub struct Config {
     pub credential_sources: Vec<SourceConfig>,
     /// The key list: ids and SHA-256 digests, never plaintext keys.
     /// Compiled while it is parsed, so a large list is never held twice.
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub keys: crate::policy::CompiledKeys,
     /// Default per-key rate limit. Absent means no rate limit.
     #[serde(default)]
@@ -49,7 +49,7 @@ pub struct Config {
 }
 
 /// Handling of requests that match no rule.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DefaultAction {
     /// A valid key is required (no scope, no attachment).
@@ -60,7 +60,7 @@ pub enum DefaultAction {
 }
 
 /// What a rule does with a matching request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuleAction {
     /// No key needed.
@@ -72,7 +72,7 @@ pub enum RuleAction {
 }
 
 /// One route rule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// Name used in logs and in the rule's own bucket keys. Default `rules[i]`.
@@ -104,7 +104,7 @@ pub struct RuleConfig {
 }
 
 /// Request matcher; every present field must match.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {
     /// Host (`:authority` without port), case-insensitive; `*.example.com` matches subdomains.
@@ -122,7 +122,7 @@ pub struct MatchConfig {
 }
 
 /// The value checked against a key's attachment set.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachmentConfig {
     /// Name of the key's attachment set, e.g. `campaigns`.
@@ -132,7 +132,7 @@ pub struct AttachmentConfig {
 }
 
 /// A request attribute.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum AttributeConfig {
     /// A request header.
@@ -158,7 +158,7 @@ pub struct KeyList {
 }
 
 /// One credential source.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
     /// The whole value of a named header, e.g. `x-api-key`.

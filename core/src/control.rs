@@ -5,12 +5,12 @@
 //! fetcher with a lease in shared data, the fetcher validates what it gets and
 //! publishes it, and every worker switches to the published version.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::{compile_key_list, CompiledKeyList, ConfigError};
 
 /// `control_plane` in the plugin configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
     /// Envoy cluster that reaches the control plane.
@@ -38,7 +38,7 @@ pub struct ControlPlaneConfig {
 }
 
 /// What to do once the list is older than `max_staleness`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StalePolicy {
     /// Keep serving the last good list.

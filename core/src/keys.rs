@@ -1,5 +1,16 @@
 //! The key list: SHA-256 digests indexed for lookup, and per-key records.
+//!
+//! A [`KeyStore`] is one byte buffer: sorted digests, key ids in one arena,
+//! and per-key settings interned as [`Profile`]s (most keys share a plan).
+//! That buffer is also its wire form, so a store built once can be published
+//! in proxy-wasm shared data and adopted by every other VM without parsing
+//! JSON again ([`KeyStore::as_bytes`], [`KeyStore::from_bytes`]). A million
+//! keys with ten-character ids take about 50 MB.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::ratelimit::Limit;
@@ -25,33 +36,29 @@ pub fn parse_digest(hex_str: &str) -> Option<Digest> {
 /// Prefix of every bucket key in shared data.
 pub const BUCKET_PREFIX: &str = "keygate/rl/";
 
-/// One compiled key record. Small on purpose: most keys carry no metadata,
-/// and a list may hold a million of them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyRecord {
-    /// `BUCKET_PREFIX` + id: the shared-data key of this key's bucket, which
-    /// also stores the id (see [`KeyRecord::id`]).
-    bucket_key: Box<str>,
-    /// Effective rate limit (the key's own, else the default), if any.
-    pub limit: Option<Limit>,
-    /// Scopes, expiry, revocation, CIDRs, attachments; `None` when all empty.
-    pub meta: Option<Box<KeyMeta>>,
-}
+/// Longest key id (ids are 1-128 visible ASCII characters).
+pub const MAX_ID_LEN: usize = 128;
 
 /// Optional per-key metadata.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KeyMeta {
     /// Scopes held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
     /// Unix seconds after which the key is expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
     /// Revoked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
     /// Allowed downstream networks (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_cidrs: Vec<ipnet::IpNet>,
     /// Attachment sets, each sorted for bisection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<(String, Vec<String>)>,
     /// Environment, e.g. `live`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
 }
 
@@ -63,102 +70,484 @@ impl KeyMeta {
             .find(|(name, _)| name == set)
             .is_some_and(|(_, values)| values.binary_search_by(|v| v.as_str().cmp(value)).is_ok())
     }
-
-    /// True when nothing is set.
-    pub fn is_empty(&self) -> bool {
-        *self == KeyMeta::default()
-    }
 }
 
-impl KeyRecord {
-    /// A record for `id`.
-    pub fn new(id: &str, limit: Option<Limit>, meta: KeyMeta) -> Self {
-        KeyRecord {
-            bucket_key: format!("{BUCKET_PREFIX}{id}").into_boxed_str(),
-            limit,
-            meta: (!meta.is_empty()).then(|| Box::new(meta)),
-        }
-    }
+/// The settings of a key besides its id and digest. Keys with equal
+/// settings share one profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Profile {
+    /// The key's own rate limit (the policy's default applies when `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Limit>,
+    /// Scopes, expiry, revocation, CIDRs, attachments.
+    #[serde(default)]
+    pub meta: KeyMeta,
+}
 
+/// A key found in a store: its id and settings, borrowed from the store.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KeyRef<'s> {
+    id: &'s str,
+    profile: &'s Profile,
+}
+
+impl<'s> KeyRef<'s> {
     /// The operator-chosen id, sent to the backend and written in logs.
-    pub fn id(&self) -> &str {
-        self.bucket_key.get(BUCKET_PREFIX.len()..).unwrap_or("")
+    pub fn id(&self) -> &'s str {
+        self.id
     }
 
-    /// The shared-data key of this key's default bucket.
-    pub fn bucket_key(&self) -> &str {
-        &self.bucket_key
+    /// The key's own rate limit, if any.
+    pub fn limit(&self) -> Option<Limit> {
+        self.profile.limit
     }
 
-    /// The metadata, or an empty default.
-    pub fn meta(&self) -> &KeyMeta {
-        static EMPTY: KeyMeta = KeyMeta {
-            scopes: Vec::new(),
-            expires_at: None,
-            disabled: false,
-            allowed_cidrs: Vec::new(),
-            attachments: Vec::new(),
-            environment: None,
-        };
-        self.meta.as_deref().unwrap_or(&EMPTY)
+    /// Scopes, expiry, revocation, CIDRs, attachments.
+    pub fn meta(&self) -> &'s KeyMeta {
+        &self.profile.meta
     }
 }
 
-/// Digest → record index, as a sorted array searched by bisection: compact
-/// for large lists and independent of request input for its cost.
-#[derive(Debug, Clone, Default)]
+/// A shared-data bucket name built on the stack: `prefix` + key id, without
+/// allocating on the request path.
+pub struct BucketName {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl BucketName {
+    /// `prefix` followed by `id`; `None` if longer than 256 bytes.
+    pub fn new(prefix: &str, id: &str) -> Option<Self> {
+        let len = prefix.len() + id.len();
+        let mut buf = [0u8; 256];
+        buf.get_mut(..prefix.len())?
+            .copy_from_slice(prefix.as_bytes());
+        buf.get_mut(prefix.len()..len)?
+            .copy_from_slice(id.as_bytes());
+        Some(BucketName { buf, len })
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        self.buf
+            .get(..self.len)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("")
+    }
+}
+
+const MAGIC: &[u8; 4] = b"KGK1";
+const HEADER: usize = 16;
+
+/// Digest → key index over one compact buffer (layout: 16-byte header with
+/// the key count, arena and profile-table sizes; the sorted digests; the end
+/// offset of each id; the profile index of each key; the id arena; the
+/// profile table as JSON).
+#[derive(Debug, Clone)]
 pub struct KeyStore {
-    index: Vec<(Digest, u32)>,
-    records: Vec<KeyRecord>,
+    buf: Vec<u8>,
+    n: usize,
+    profiles: Vec<Profile>,
+}
+
+impl Default for KeyStore {
+    fn default() -> Self {
+        KeyStoreBuilder::default()
+            .build()
+            .unwrap_or_else(|_| KeyStore {
+                buf: Vec::new(),
+                n: 0,
+                profiles: Vec::new(),
+            })
+    }
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    buf.get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
 }
 
 impl KeyStore {
-    /// Builds the index. Returns the ids of digests that appear twice, if any.
-    pub fn build(entries: Vec<(Digest, KeyRecord)>) -> Result<Self, Vec<String>> {
-        let mut index = Vec::with_capacity(entries.len());
-        let mut records = Vec::with_capacity(entries.len());
-        for (i, (d, r)) in entries.into_iter().enumerate() {
-            index.push((d, i as u32));
-            records.push(r);
-        }
-        index.sort_unstable_by_key(|e| e.0);
-        let dups: Vec<String> = index
-            .windows(2)
-            .filter(|w| w[0].0 == w[1].0)
-            .filter_map(|w| records.get(w[1].1 as usize).map(|r| r.id().to_string()))
-            .collect();
-        if dups.is_empty() {
-            Ok(KeyStore { index, records })
-        } else {
-            Err(dups)
-        }
+    fn ends_at(&self) -> usize {
+        HEADER + 32 * self.n
+    }
+    fn profile_index_at(&self) -> usize {
+        self.ends_at() + 4 * self.n
+    }
+    fn ids_at(&self) -> usize {
+        self.profile_index_at() + 4 * self.n
     }
 
-    /// The record whose digest equals `d`, with its position in [`KeyStore::records`].
-    pub fn get(&self, d: &Digest) -> Option<(u32, &KeyRecord)> {
-        let i = self.index.binary_search_by(|(k, _)| k.cmp(d)).ok()?;
-        let at = self.index[i].1;
-        self.records.get(at as usize).map(|r| (at, r))
+    fn digest_at(&self, i: usize) -> &[u8] {
+        self.buf
+            .get(HEADER + 32 * i..HEADER + 32 * (i + 1))
+            .unwrap_or(&[])
+    }
+
+    fn id_at(&self, i: usize) -> &str {
+        let end = u32_at(&self.buf, self.ends_at() + 4 * i) as usize;
+        let start = match i {
+            0 => 0,
+            _ => u32_at(&self.buf, self.ends_at() + 4 * (i - 1)) as usize,
+        };
+        let base = self.ids_at();
+        self.buf
+            .get(base + start..base + end)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("")
+    }
+
+    /// The key at position `i` (digest order), if any.
+    pub fn at(&self, i: u32) -> Option<KeyRef<'_>> {
+        let i = i as usize;
+        if i >= self.n {
+            return None;
+        }
+        let p = u32_at(&self.buf, self.profile_index_at() + 4 * i) as usize;
+        Some(KeyRef {
+            id: self.id_at(i),
+            profile: self.profiles.get(p)?,
+        })
+    }
+
+    /// The key whose digest equals `d`, with its position.
+    pub fn get(&self, d: &Digest) -> Option<(u32, KeyRef<'_>)> {
+        let (mut lo, mut hi) = (0usize, self.n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.digest_at(mid).cmp(d.as_slice()) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    return self.at(mid as u32).map(|k| (mid as u32, k));
+                }
+            }
+        }
+        None
     }
 
     /// Hashes `key` and looks it up.
-    pub fn lookup(&self, key: &[u8]) -> Option<&KeyRecord> {
-        self.get(&digest(key)).map(|(_, r)| r)
+    pub fn lookup(&self, key: &[u8]) -> Option<KeyRef<'_>> {
+        self.get(&digest(key)).map(|(_, k)| k)
     }
 
-    /// All records, in configuration order.
-    pub fn records(&self) -> &[KeyRecord] {
-        &self.records
+    /// Every key, in digest order.
+    pub fn iter(&self) -> impl Iterator<Item = KeyRef<'_>> + '_ {
+        (0..self.n as u32).filter_map(|i| self.at(i))
+    }
+
+    /// Every digest, in order.
+    pub fn digests(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        (0..self.n).map(|i| self.digest_at(i))
     }
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.n
     }
 
-    /// True when the list is empty.
+    /// True when the store is empty.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.n == 0
+    }
+
+    /// Number of distinct profiles.
+    pub fn profile_count(&self) -> usize {
+        self.profiles.len()
+    }
+
+    /// The wire form, for [`KeyStore::from_bytes`] in another VM.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Adopts a buffer written by [`KeyStore::as_bytes`] (no copy of the
+    /// digests or ids). Every offset is checked: `None` if anything is off.
+    pub fn from_bytes(buf: Vec<u8>) -> Option<KeyStore> {
+        if buf.get(..4)? != MAGIC {
+            return None;
+        }
+        let n = u32_at(&buf, 4) as usize;
+        let ids_len = u32_at(&buf, 8) as usize;
+        let table_len = u32_at(&buf, 12) as usize;
+        let ids_at = HEADER.checked_add(n.checked_mul(40)?)?;
+        let table_at = ids_at.checked_add(ids_len)?;
+        if table_at.checked_add(table_len)? != buf.len() {
+            return None;
+        }
+        let profiles: Vec<Profile> = serde_json::from_slice(buf.get(table_at..)?).ok()?;
+        let mut store = KeyStore { buf, n, profiles };
+        let arena = store.buf.get(ids_at..table_at)?;
+        if !arena.iter().all(|b| (0x21..=0x7e).contains(b)) {
+            return None;
+        }
+        let mut prev_end = 0u32;
+        for i in 0..n {
+            let end = u32_at(&store.buf, store.ends_at() + 4 * i);
+            let profile = u32_at(&store.buf, store.profile_index_at() + 4 * i) as usize;
+            if end <= prev_end || end as usize > ids_len || profile >= store.profiles.len() {
+                return None;
+            }
+            if i > 0 && store.digest_at(i - 1) >= store.digest_at(i) {
+                return None;
+            }
+            prev_end = end;
+        }
+        if prev_end as usize != ids_len {
+            return None;
+        }
+        store.buf.truncate(table_at + table_len);
+        Some(store)
+    }
+}
+
+/// Two records that cannot both be in a store, by source position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Clash {
+    /// The same id twice.
+    Id {
+        /// The id.
+        id: String,
+        /// Position of the first record.
+        first: u32,
+        /// Position of the later record.
+        later: u32,
+    },
+    /// The same digest twice.
+    Digest {
+        /// The later record's id.
+        id: String,
+        /// Position of the first record.
+        first: u32,
+        /// Position of the later record.
+        later: u32,
+    },
+}
+
+/// Collects records, then sorts and packs them into a [`KeyStore`].
+#[derive(Debug, Clone, Default)]
+pub struct KeyStoreBuilder {
+    digests: Vec<Digest>,
+    ids: String,
+    id_ends: Vec<u32>,
+    profile_of: Vec<u32>,
+    /// Position of each record in the list it came from.
+    source: Vec<u32>,
+    profiles: Vec<Profile>,
+    interned: HashMap<Profile, u32>,
+}
+
+impl KeyStoreBuilder {
+    /// Adds a record; `source` is its position in the operator's list, used
+    /// to name clashes. Ids must be 1-128 visible ASCII characters (checked
+    /// by the caller).
+    pub fn push(&mut self, d: Digest, id: &str, profile: Profile, source: u32) {
+        let p = match self.interned.get(&profile) {
+            Some(p) => *p,
+            None => {
+                let p = self.profiles.len() as u32;
+                self.profiles.push(profile.clone());
+                self.interned.insert(profile, p);
+                p
+            }
+        };
+        self.digests.push(d);
+        self.ids.push_str(id);
+        self.id_ends.push(self.ids.len() as u32);
+        self.profile_of.push(p);
+        self.source.push(source);
+    }
+
+    /// Number of records added.
+    pub fn len(&self) -> usize {
+        self.digests.len()
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    fn id(&self, i: usize) -> &str {
+        let end = self.id_ends.get(i).copied().unwrap_or(0) as usize;
+        let start = match i {
+            0 => 0,
+            _ => self.id_ends.get(i - 1).copied().unwrap_or(0) as usize,
+        };
+        self.ids.get(start..end).unwrap_or("")
+    }
+
+    /// Every record's id with its source position.
+    pub fn ids(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
+        (0..self.len()).map(|i| (self.id(i), self.source.get(i).copied().unwrap_or(0)))
+    }
+
+    /// Sorts by digest and packs. Every duplicate id and digest is reported,
+    /// each as a pair of source positions (first, later).
+    pub fn build(self) -> Result<KeyStore, Vec<Clash>> {
+        let n = self.len();
+        let src = |i: u32| self.source.get(i as usize).copied().unwrap_or(0);
+        let mut clashes = Vec::new();
+        let mut by_id: Vec<u32> = (0..n as u32).collect();
+        by_id.sort_unstable_by(|a, b| {
+            self.id(*a as usize)
+                .cmp(self.id(*b as usize))
+                .then(src(*a).cmp(&src(*b)))
+        });
+        for w in by_id.windows(2) {
+            if self.id(w[0] as usize) == self.id(w[1] as usize) {
+                clashes.push(Clash::Id {
+                    id: self.id(w[1] as usize).to_string(),
+                    first: src(w[0]),
+                    later: src(w[1]),
+                });
+            }
+        }
+        let mut order = by_id;
+        let digest_of = |i: u32| self.digests.get(i as usize).copied().unwrap_or([0; 32]);
+        order.sort_unstable_by(|a, b| {
+            digest_of(*a)
+                .cmp(&digest_of(*b))
+                .then(src(*a).cmp(&src(*b)))
+        });
+        for w in order.windows(2) {
+            if digest_of(w[0]) == digest_of(w[1]) {
+                clashes.push(Clash::Digest {
+                    id: self.id(w[1] as usize).to_string(),
+                    first: src(w[0]),
+                    later: src(w[1]),
+                });
+            }
+        }
+        if !clashes.is_empty() {
+            return Err(clashes);
+        }
+        let table = serde_json::to_vec(&self.profiles).unwrap_or_else(|_| b"[]".to_vec());
+        let mut buf = Vec::with_capacity(HEADER + 40 * n + self.ids.len() + table.len());
+        buf.extend_from_slice(MAGIC);
+        for v in [n, self.ids.len(), table.len()] {
+            buf.extend_from_slice(&(v as u32).to_le_bytes());
+        }
+        for &i in &order {
+            buf.extend_from_slice(&digest_of(i));
+        }
+        let mut end = 0u32;
+        for &i in &order {
+            end += self.id(i as usize).len() as u32;
+            buf.extend_from_slice(&end.to_le_bytes());
+        }
+        for &i in &order {
+            let p = self.profile_of.get(i as usize).copied().unwrap_or(0);
+            buf.extend_from_slice(&p.to_le_bytes());
+        }
+        for &i in &order {
+            buf.extend_from_slice(self.id(i as usize).as_bytes());
+        }
+        buf.extend_from_slice(&table);
+        Ok(KeyStore {
+            buf,
+            n,
+            profiles: self.profiles,
+        })
+    }
+}
+
+/// The keys a policy answers from: the static keys of its configuration and,
+/// with a control plane, the current list. Positions number the static keys
+/// first.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet {
+    fixed: Arc<KeyStore>,
+    list: Option<Arc<KeyStore>>,
+}
+
+impl KeySet {
+    /// Static keys only.
+    pub fn new(fixed: Arc<KeyStore>) -> Self {
+        KeySet { fixed, list: None }
+    }
+
+    /// These static keys with `list`. Returns the clashes between the two:
+    /// (list key id, what it shares with a static key).
+    pub fn with_list(&self, list: Arc<KeyStore>) -> Result<KeySet, Vec<(String, String)>> {
+        let mut clashes = Vec::new();
+        if !self.fixed.is_empty() {
+            let fixed_ids: HashMap<&str, ()> = self.fixed.iter().map(|k| (k.id(), ())).collect();
+            for k in list.iter() {
+                if fixed_ids.contains_key(k.id()) {
+                    clashes.push((k.id().to_string(), "same id".to_string()));
+                }
+            }
+            for (k, d) in self.fixed.iter().zip(self.fixed.digests()) {
+                let found = Digest::try_from(d).ok().and_then(|d| list.get(&d));
+                if let Some((_, other)) = found {
+                    clashes.push((
+                        other.id().to_string(),
+                        format!("same sha256 as static key {:?}", k.id()),
+                    ));
+                }
+            }
+        }
+        if clashes.is_empty() {
+            Ok(KeySet {
+                fixed: self.fixed.clone(),
+                list: Some(list),
+            })
+        } else {
+            Err(clashes)
+        }
+    }
+
+    /// The static keys.
+    pub fn fixed(&self) -> &KeyStore {
+        &self.fixed
+    }
+
+    /// The control-plane list, if one is merged.
+    pub fn list(&self) -> Option<&KeyStore> {
+        self.list.as_deref()
+    }
+
+    /// The key whose digest equals `d`, with its position.
+    pub fn get(&self, d: &Digest) -> Option<(u32, KeyRef<'_>)> {
+        self.fixed.get(d).or_else(|| {
+            let list = self.list.as_ref()?;
+            let (i, k) = list.get(d)?;
+            Some((i + self.fixed.len() as u32, k))
+        })
+    }
+
+    /// The key at `pos` (as returned by [`KeySet::get`]).
+    pub fn at(&self, pos: u32) -> Option<KeyRef<'_>> {
+        let fixed = self.fixed.len() as u32;
+        if pos < fixed {
+            self.fixed.at(pos)
+        } else {
+            self.list.as_ref()?.at(pos - fixed)
+        }
+    }
+
+    /// Hashes `key` and looks it up.
+    pub fn lookup(&self, key: &[u8]) -> Option<KeyRef<'_>> {
+        self.get(&digest(key)).map(|(_, k)| k)
+    }
+
+    /// Every key.
+    pub fn iter(&self) -> impl Iterator<Item = KeyRef<'_>> + '_ {
+        self.fixed
+            .iter()
+            .chain(self.list.iter().flat_map(|l| l.iter()))
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.fixed.len() + self.list.as_ref().map_or(0, |l| l.len())
+    }
+
+    /// True when there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -166,17 +555,17 @@ impl KeyStore {
 mod tests {
     use super::*;
 
-    fn rec(id: &str) -> KeyRecord {
-        KeyRecord::new(id, None, KeyMeta::default())
+    fn store(keys: &[(&str, &str)]) -> Result<KeyStore, Vec<Clash>> {
+        let mut b = KeyStoreBuilder::default();
+        for (i, (key, id)) in keys.iter().enumerate() {
+            b.push(digest(key.as_bytes()), id, Profile::default(), i as u32);
+        }
+        b.build()
     }
 
     #[test]
     fn lookup_finds_exact_key_only() {
-        let store = KeyStore::build(vec![
-            (digest(b"alpha"), rec("a")),
-            (digest(b"beta"), rec("b")),
-        ])
-        .unwrap();
+        let store = store(&[("alpha", "a"), ("beta", "b")]).unwrap();
         assert_eq!(store.lookup(b"alpha").unwrap().id(), "a");
         assert_eq!(store.lookup(b"beta").unwrap().id(), "b");
         assert!(store.lookup(b"Alpha").is_none());
@@ -184,10 +573,21 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_digests_are_reported() {
-        let err =
-            KeyStore::build(vec![(digest(b"x"), rec("a")), (digest(b"x"), rec("b"))]).unwrap_err();
-        assert_eq!(err.len(), 1);
+    fn duplicates_are_reported_by_source_position() {
+        let err = store(&[("x", "a"), ("y", "b"), ("x", "c"), ("z", "b")]).unwrap_err();
+        let digest_clash = Clash::Digest {
+            id: "c".into(),
+            first: 0,
+            later: 2,
+        };
+        let id_clash = Clash::Id {
+            id: "b".into(),
+            first: 1,
+            later: 3,
+        };
+        assert!(err.contains(&digest_clash), "{err:?}");
+        assert!(err.contains(&id_clash), "{err:?}");
+        assert_eq!(err.len(), 2);
     }
 
     #[test]
@@ -197,5 +597,103 @@ mod tests {
         assert_eq!(parse_digest(&h.to_uppercase()), Some(digest(b"k")));
         assert_eq!(parse_digest(&h[..63]), None);
         assert_eq!(parse_digest(&format!("{}zz", &h[..62])), None);
+    }
+
+    #[test]
+    fn profiles_are_interned_and_survive_the_wire_form() {
+        let limited = Profile {
+            limit: Some(Limit::new(5.0, 10)),
+            meta: KeyMeta {
+                scopes: vec!["read".into()],
+                allowed_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                ..KeyMeta::default()
+            },
+        };
+        let mut b = KeyStoreBuilder::default();
+        for i in 0..1000u32 {
+            let p = if i % 2 == 0 {
+                limited.clone()
+            } else {
+                Profile::default()
+            };
+            b.push(
+                digest(format!("key-{i}").as_bytes()),
+                &format!("id-{i}"),
+                p,
+                i,
+            );
+        }
+        let built = b.build().unwrap();
+        assert_eq!(built.len(), 1000);
+        assert_eq!(built.profile_count(), 2);
+        let copy = KeyStore::from_bytes(built.as_bytes().to_vec()).unwrap();
+        for i in 0..1000u32 {
+            let k = copy.lookup(format!("key-{i}").as_bytes()).unwrap();
+            assert_eq!(k.id(), format!("id-{i}"));
+            assert_eq!(k.limit().is_some(), i % 2 == 0);
+            assert_eq!(k.meta().scopes.len(), usize::from(i % 2 == 0));
+        }
+        assert!(copy.lookup(b"key-1000").is_none());
+        // About 40 bytes per key plus the id.
+        assert!(built.as_bytes().len() < 1000 * (40 + 6) + 300);
+    }
+
+    #[test]
+    fn corrupt_wire_forms_are_refused() {
+        let built = store(&[("alpha", "a"), ("beta", "b"), ("gamma", "g")]).unwrap();
+        let good = built.as_bytes().to_vec();
+        assert!(KeyStore::from_bytes(good.clone()).is_some());
+        assert!(KeyStore::from_bytes(Vec::new()).is_none());
+        assert!(KeyStore::from_bytes(good[..good.len() - 1].to_vec()).is_none());
+        let mut bad_magic = good.clone();
+        bad_magic[0] = b'X';
+        assert!(KeyStore::from_bytes(bad_magic).is_none());
+        // Digests out of order.
+        let mut swapped = good.clone();
+        let (a, b) = swapped[HEADER..HEADER + 64].split_at_mut(32);
+        a.swap_with_slice(b);
+        assert!(KeyStore::from_bytes(swapped).is_none());
+        // Huge count.
+        let mut huge = good;
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(KeyStore::from_bytes(huge).is_none());
+    }
+
+    #[test]
+    fn key_sets_number_static_keys_first_and_refuse_clashes() {
+        let fixed = Arc::new(store(&[("s1", "static-1")]).unwrap());
+        let set = KeySet::new(fixed);
+        let merged = set
+            .with_list(Arc::new(
+                store(&[("d1", "dyn-1"), ("d2", "dyn-2")]).unwrap(),
+            ))
+            .unwrap();
+        assert_eq!(merged.len(), 3);
+        let (pos, k) = merged.get(&digest(b"d2")).unwrap();
+        assert_eq!(k.id(), "dyn-2");
+        assert_eq!(merged.at(pos).unwrap().id(), "dyn-2");
+        assert_eq!(merged.get(&digest(b"s1")).unwrap().0, 0);
+        let same_id = set.with_list(Arc::new(store(&[("other", "static-1")]).unwrap()));
+        assert_eq!(
+            same_id.unwrap_err(),
+            vec![("static-1".to_string(), "same id".to_string())]
+        );
+        let same_digest = set.with_list(Arc::new(store(&[("s1", "renamed")]).unwrap()));
+        assert_eq!(
+            same_digest.unwrap_err(),
+            vec![(
+                "renamed".to_string(),
+                "same sha256 as static key \"static-1\"".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn bucket_names_are_built_without_allocation_limits_checked() {
+        assert_eq!(
+            BucketName::new(BUCKET_PREFIX, "abc").unwrap().as_str(),
+            "keygate/rl/abc"
+        );
+        assert!(BucketName::new(BUCKET_PREFIX, &"x".repeat(300)).is_none());
     }
 }

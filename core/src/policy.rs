@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::config::{
     Config, DefaultAction, KeyConfig, RateLimitConfig, RuleAction, RuleConfig, SourceConfig,
@@ -12,7 +13,10 @@ use crate::control::{ControlPlane, StalePolicy};
 use crate::credential::{Credential, Extractor, Source};
 use crate::denial::{Denial, DenyCode, RateInfo};
 use crate::headers::HeaderMap;
-use crate::keys::{parse_digest, Digest, KeyMeta, KeyRecord, KeyStore, BUCKET_PREFIX};
+use crate::keys::{
+    parse_digest, BucketName, Clash, Digest, KeyMeta, KeyRef, KeySet, KeyStore, KeyStoreBuilder,
+    Profile, BUCKET_PREFIX,
+};
 use crate::ratelimit::{self, CounterStore, Limit, TakeError};
 use crate::rules::{
     read_json_body, AttachmentCheck, AttrValue, Attribute, BodyValue, Effect, Matcher, RequestLine,
@@ -62,7 +66,7 @@ pub trait Host {
 #[derive(Debug, Clone)]
 pub struct Policy {
     extractor: Extractor,
-    keys: KeyStore,
+    keys: KeySet,
     rules: Vec<Rule>,
     default_action: DefaultAction,
     identity_header: String,
@@ -71,8 +75,6 @@ pub struct Policy {
     realm: String,
     max_body_bytes: usize,
     control_plane: Option<ControlPlane>,
-    /// Static keys, compiled, kept to merge with each control-plane list.
-    static_keys: Vec<Entry>,
     default_limit: Option<Limit>,
     /// Control plane configured, no list yet, no static keys: 503.
     awaiting_list: bool,
@@ -94,7 +96,7 @@ pub enum Decision<'p, 'h> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Allowed<'p, 'h> {
     /// The matched key; `None` on a public route.
-    pub key: Option<&'p KeyRecord>,
+    pub key: Option<KeyRef<'p>>,
     /// Where the key was found, and which extractor found it.
     pub credential: Option<(Credential<'h>, &'p Extractor)>,
     /// Bucket figures after this request, if the key is limited.
@@ -127,18 +129,51 @@ impl Policy {
     /// Parses and compiles plugin configuration JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Policy, Vec<ConfigError>> {
         let mut cfg: Config = parse_json(bytes, "configuration")?;
-        let entries = std::mem::take(&mut cfg.keys.entries);
-        Policy::build(&cfg, entries)
+        let keys = std::mem::take(&mut cfg.keys);
+        Policy::build(&cfg, keys)
+    }
+
+    /// [`Policy::from_json`], also returning the configuration without its
+    /// keys as JSON. With the static key store's wire form
+    /// (`keys().fixed().as_bytes()`) that is all another VM needs to rebuild
+    /// the same policy with [`Policy::from_parts`], without parsing the keys.
+    pub fn from_json_shareable(bytes: &[u8]) -> Result<(Policy, Vec<u8>), Vec<ConfigError>> {
+        let mut cfg: Config = parse_json(bytes, "configuration")?;
+        let keys = std::mem::take(&mut cfg.keys);
+        let policy = Policy::build(&cfg, keys)?;
+        let rest =
+            serde_json::to_vec(&cfg).map_err(|e| vec![err("configuration", e.to_string())])?;
+        Ok((policy, rest))
+    }
+
+    /// Rebuilds a policy from the parts [`Policy::from_json_shareable`] returned.
+    pub fn from_parts(rest: &[u8], keys: Arc<KeyStore>) -> Result<Policy, Vec<ConfigError>> {
+        let cfg: Config = parse_json(rest, "configuration")?;
+        if !cfg.keys.is_empty() {
+            return Err(vec![err("keys", "expected a configuration without keys")]);
+        }
+        Policy::assemble(&cfg, Some(keys), Vec::new())
     }
 
     /// Validates `cfg` and builds the indexes. Returns every problem found.
     pub fn compile(cfg: &Config) -> Result<Policy, Vec<ConfigError>> {
-        Policy::build(cfg, cfg.keys.entries.clone())
+        Policy::build(cfg, cfg.keys.clone())
     }
 
     /// `compile`, with the key records moved in rather than copied.
-    fn build(cfg: &Config, entries: Vec<Entry>) -> Result<Policy, Vec<ConfigError>> {
-        let mut errors = Vec::new();
+    fn build(cfg: &Config, compiled: CompiledKeys) -> Result<Policy, Vec<ConfigError>> {
+        let mut errors = compiled.errors.clone();
+        errors.extend(failed_duplicate_ids(&compiled.keys, &compiled.failed_ids));
+        let keys = build_store(compiled.keys, &mut errors);
+        Policy::assemble(cfg, keys.map(Arc::new), errors)
+    }
+
+    /// Validates everything but the key records and puts the policy together.
+    fn assemble(
+        cfg: &Config,
+        keys: Option<Arc<KeyStore>>,
+        mut errors: Vec<ConfigError>,
+    ) -> Result<Policy, Vec<ConfigError>> {
         let extractor = compile_sources(
             &cfg.credential_sources,
             "credential_sources",
@@ -201,15 +236,6 @@ impl Policy {
             .rate_limit
             .as_ref()
             .and_then(|l| compile_limit(l, "rate_limit", &mut errors));
-        errors.extend(cfg.keys.errors.iter().cloned());
-        errors.extend(failed_duplicate_ids(&entries, &cfg.keys.failed_ids));
-        // Kept only to merge with control-plane lists.
-        let static_keys = if cfg.control_plane.is_some() {
-            entries.clone()
-        } else {
-            Vec::new()
-        };
-        let keys = build_store(entries, &mut errors);
         let control_plane = cfg
             .control_plane
             .as_ref()
@@ -225,7 +251,8 @@ impl Policy {
                 };
                 Ok(Policy {
                     extractor,
-                    keys,
+                    awaiting_list: control_plane.is_some() && keys.is_empty(),
+                    keys: KeySet::new(keys),
                     rules,
                     default_action: cfg.default_action,
                     identity_header: identity,
@@ -233,9 +260,7 @@ impl Policy {
                     www_authenticate,
                     realm: cfg.realm.clone(),
                     max_body_bytes: cfg.max_body_bytes,
-                    awaiting_list: control_plane.is_some() && static_keys.is_empty(),
                     control_plane,
-                    static_keys,
                     default_limit,
                     list_version: None,
                 })
@@ -245,13 +270,13 @@ impl Policy {
     }
 
     /// The key list.
-    pub fn keys(&self) -> &KeyStore {
+    pub fn keys(&self) -> &KeySet {
         &self.keys
     }
 
     /// The effective limit of a key: its own, else the default.
-    pub fn limit_of(&self, key: &KeyRecord) -> Option<Limit> {
-        key.limit.or(self.default_limit)
+    pub fn limit_of(&self, key: &KeyRef<'_>) -> Option<Limit> {
+        key.limit().or(self.default_limit)
     }
 
     /// The control plane, if one is configured.
@@ -267,50 +292,22 @@ impl Policy {
     /// This policy with the static keys merged with a control-plane list.
     /// A key in both (same id or same digest) is an error; nothing changes then.
     pub fn with_key_list(&self, list: CompiledKeyList) -> Result<Policy, Vec<ConfigError>> {
-        let n = self.static_keys.len();
-        let mut merged = self.static_keys.clone();
-        merged.extend(
-            list.keys
-                .entries
-                .into_iter()
-                .map(|(d, r, i)| (d, r, i + n as u32)),
-        );
-        let mut errors = Vec::new();
-        let keys = build_store(merged, &mut errors);
-        match keys {
-            Some(keys) if errors.is_empty() => Ok(Policy {
+        match self.keys.with_list(list.store) {
+            Ok(keys) => Ok(Policy {
                 keys,
                 awaiting_list: false,
                 list_version: Some(list.version),
                 ..self.clone()
             }),
-            _ => {
-                // Name control-plane records by their index in the list.
-                for e in &mut errors {
-                    if let Some(i) = e
-                        .field
-                        .strip_prefix("keys[")
-                        .and_then(|r| r.split(']').next())
-                        .and_then(|i| i.parse::<usize>().ok())
-                    {
-                        if i >= n {
-                            e.field = e.field.replacen(
-                                &format!("keys[{i}]"),
-                                &format!("key_list.keys[{}]", i - n),
-                                1,
-                            );
-                        }
-                    }
-                }
-                let mut all: Vec<ConfigError> = list
-                    .keys
-                    .errors
-                    .iter()
-                    .map(|e| err(format!("key_list.{}", e.field), e.message.clone()))
-                    .collect();
-                all.append(&mut errors);
-                Err(all)
-            }
+            Err(clashes) => Err(clashes
+                .into_iter()
+                .map(|(id, clash)| {
+                    err(
+                        "key_list.keys",
+                        format!("key {id:?} clashes with a static key ({clash})"),
+                    )
+                })
+                .collect()),
         }
     }
 
@@ -490,13 +487,10 @@ impl Policy {
         // any body is buffered, so a flood is refused without buffering.
         let rate = match (
             requirement.and_then(|r| r.limit.as_ref()),
-            &self.limit_of(key),
+            &self.limit_of(&key),
         ) {
-            (Some((limit, prefix)), _) => {
-                let bucket = format!("{prefix}{}", key.id());
-                take(host, &bucket, limit)?
-            }
-            (None, Some(limit)) => take(host, key.bucket_key(), limit)?,
+            (Some((limit, prefix)), _) => take(host, prefix, key.id(), limit)?,
+            (None, Some(limit)) => take(host, BUCKET_PREFIX, key.id(), limit)?,
             (None, None) => None,
         };
         Ok(Allowed {
@@ -511,7 +505,7 @@ impl Policy {
     /// JSON body and checks it against the key. `truncated` means the body
     /// went over `max_body_bytes`.
     pub fn decide_body(&self, hold: Hold, body: &[u8], truncated: bool) -> Result<(), Denial> {
-        let key = self.keys.records().get(hold.record as usize);
+        let key = self.keys.at(hold.record);
         let check = self
             .rules
             .get(hold.rule as usize)
@@ -594,7 +588,12 @@ fn check_attached(meta: &KeyMeta, set: &str, value: &str) -> Result<(), Denial> 
     }
 }
 
-fn take(host: &dyn Host, bucket: &str, limit: &Limit) -> Result<Option<RateInfo>, Denial> {
+fn take(
+    host: &dyn Host,
+    prefix: &str,
+    id: &str,
+    limit: &Limit,
+) -> Result<Option<RateInfo>, Denial> {
     let closed = |reason| Denial {
         rate: Some(RateInfo {
             burst: limit.burst,
@@ -604,10 +603,11 @@ fn take(host: &dyn Host, bucket: &str, limit: &Limit) -> Result<Option<RateInfo>
         }),
         ..Denial::new(DenyCode::RateLimited, reason)
     };
+    let bucket = BucketName::new(prefix, id).ok_or(closed("bucket name too long"))?;
     let now = host
         .monotonic_ns()
         .ok_or(closed("monotonic clock unavailable (failing closed)"))?;
-    match ratelimit::take_shared(host.counters(), bucket, limit, now) {
+    match ratelimit::take_shared(host.counters(), bucket.as_str(), limit, now) {
         Ok(o) if o.allowed => Ok(Some(o.info)),
         Ok(o) => Err(Denial {
             rate: Some(o.info),
@@ -680,15 +680,16 @@ fn parse_json<T: serde::de::DeserializeOwned>(
 pub fn validate_key_list(bytes: &[u8]) -> Result<crate::config::KeyList, Vec<ConfigError>> {
     let list: crate::config::KeyList = parse_json(bytes, "key list")?;
     let mut errors = Vec::new();
-    let entries: Vec<Entry> = list
-        .keys
-        .iter()
-        .enumerate()
-        .filter_map(|(i, k)| {
-            compile_key(k, &format!("keys[{i}]"), &mut errors).map(|(d, r)| (d, r, i as u32))
-        })
-        .collect();
-    let _ = build_store(entries, &mut errors);
+    let mut keys = KeyStoreBuilder::default();
+    let mut failed = Vec::new();
+    for (i, k) in list.keys.iter().enumerate() {
+        match compile_key(k, &format!("keys[{i}]"), &mut errors) {
+            Some((d, profile)) => keys.push(d, &k.id, profile, i as u32),
+            None => failed.push((k.id.clone(), i as u32)),
+        }
+    }
+    errors.extend(failed_duplicate_ids(&keys, &failed));
+    let _ = build_store(keys, &mut errors);
     if errors.is_empty() {
         Ok(list)
     } else {
@@ -696,15 +697,12 @@ pub fn validate_key_list(bytes: &[u8]) -> Result<crate::config::KeyList, Vec<Con
     }
 }
 
-/// A compiled key record with its position in the list it came from.
-type Entry = (Digest, KeyRecord, u32);
-
 /// Key records compiled one by one as they are parsed (each `KeyConfig` is
 /// dropped right away), with the problems found in them. Duplicates are
 /// checked when the records are indexed.
 #[derive(Debug, Clone, Default)]
 pub struct CompiledKeys {
-    entries: Vec<Entry>,
+    keys: KeyStoreBuilder,
     errors: Vec<ConfigError>,
     /// Ids of records that failed, still checked for duplicates.
     failed_ids: Vec<(String, u32)>,
@@ -713,12 +711,12 @@ pub struct CompiledKeys {
 impl CompiledKeys {
     /// Number of records that compiled.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.keys.len()
     }
 
     /// True when no record compiled.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.keys.is_empty()
     }
 }
 
@@ -738,7 +736,7 @@ impl<'de> serde::Deserialize<'de> for CompiledKeys {
                 let mut i = 0u32;
                 while let Some(k) = seq.next_element::<KeyConfig>()? {
                     match compile_key(&k, &format!("keys[{i}]"), &mut out.errors) {
-                        Some((d, r)) => out.entries.push((d, r, i)),
+                        Some((d, profile)) => out.keys.push(d, &k.id, profile, i),
                         None => out.failed_ids.push((k.id, i)),
                     }
                     i += 1;
@@ -750,27 +748,38 @@ impl<'de> serde::Deserialize<'de> for CompiledKeys {
     }
 }
 
-/// A control-plane key list compiled for the filter (same JSON as [`KeyList`]).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CompiledKeyList {
-    /// The list's version.
+struct KeyListDocument {
     #[serde(default)]
-    pub version: u64,
-    /// Its records.
+    version: u64,
     #[serde(default)]
-    pub keys: CompiledKeys,
+    keys: CompiledKeys,
 }
 
-/// Parses and compiles a control-plane key list, reporting every problem.
+/// A control-plane key list compiled and indexed for the filter.
+#[derive(Debug, Clone, Default)]
+pub struct CompiledKeyList {
+    /// The list's version.
+    pub version: u64,
+    /// Its records.
+    pub store: Arc<KeyStore>,
+}
+
+/// Parses and compiles a control-plane key list (same JSON as
+/// [`crate::config::KeyList`]), reporting every problem. Clashes with
+/// static keys are found when the list is merged: `Policy::with_key_list`.
 pub fn compile_key_list(bytes: &[u8]) -> Result<CompiledKeyList, Vec<ConfigError>> {
-    let list: CompiledKeyList = parse_json(bytes, "key list")?;
-    // Duplicates (within the list and with static keys) are found when the
-    // list is merged: `Policy::with_key_list`.
-    if list.keys.errors.is_empty() {
-        Ok(list)
-    } else {
-        Err(list.keys.errors)
+    let doc: KeyListDocument = parse_json(bytes, "key list")?;
+    let mut errors = doc.keys.errors;
+    errors.extend(failed_duplicate_ids(&doc.keys.keys, &doc.keys.failed_ids));
+    let store = build_store(doc.keys.keys, &mut errors);
+    match store {
+        Some(store) if errors.is_empty() => Ok(CompiledKeyList {
+            version: doc.version,
+            store: Arc::new(store),
+        }),
+        _ => Err(errors),
     }
 }
 
@@ -779,9 +788,12 @@ fn compile_key(
     k: &KeyConfig,
     field: &str,
     errors: &mut Vec<ConfigError>,
-) -> Option<(Digest, KeyRecord)> {
+) -> Option<(Digest, Profile)> {
     let before = errors.len();
-    if k.id.is_empty() || k.id.len() > 128 || !k.id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+    if k.id.is_empty()
+        || k.id.len() > crate::keys::MAX_ID_LEN
+        || !k.id.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    {
         errors.push(err(
             format!("{field}.id"),
             "must be 1-128 visible ASCII characters",
@@ -794,27 +806,24 @@ fn compile_key(
             "must be 64 hex characters (the SHA-256 of the key, never the key)",
         ));
     }
-    let own = k
+    let limit = k
         .rate_limit
         .as_ref()
         .and_then(|l| compile_limit(l, &format!("{field}.rate_limit"), errors));
     let meta = compile_meta(k, field, errors);
     match digest {
-        Some(d) if errors.len() == before => Some((d, KeyRecord::new(&k.id, own, meta))),
+        Some(d) if errors.len() == before => Some((d, Profile { limit, meta })),
         _ => None,
     }
 }
 
 /// Duplicate ids involving a record that failed to compile (duplicates among
 /// compiled records are reported by `build_store`).
-fn failed_duplicate_ids(entries: &[Entry], failed: &[(String, u32)]) -> Vec<ConfigError> {
+fn failed_duplicate_ids(keys: &KeyStoreBuilder, failed: &[(String, u32)]) -> Vec<ConfigError> {
     if failed.is_empty() {
         return Vec::new();
     }
-    let mut ids: Vec<(&str, u32, bool)> = entries
-        .iter()
-        .map(|(_, r, i)| (r.id(), *i, false))
-        .collect();
+    let mut ids: Vec<(&str, u32, bool)> = keys.ids().map(|(id, i)| (id, i, false)).collect();
     ids.extend(
         failed
             .iter()
@@ -834,31 +843,20 @@ fn failed_duplicate_ids(entries: &[Entry], failed: &[(String, u32)]) -> Vec<Conf
 }
 
 /// Indexes compiled records, reporting duplicate ids and digests.
-fn build_store(entries: Vec<Entry>, errors: &mut Vec<ConfigError>) -> Option<KeyStore> {
-    let mut ids: Vec<(&str, u32)> = entries.iter().map(|(_, r, i)| (r.id(), *i)).collect();
-    ids.sort_unstable();
-    let mut dup_ids: Vec<ConfigError> = ids
-        .windows(2)
-        .filter(|w| w[0].0 == w[1].0)
-        .map(|w| {
-            err(
-                format!("keys[{}].id", w[0].1.max(w[1].1)),
-                format!("duplicate id {:?}", w[1].0),
-            )
-        })
-        .collect();
-    drop(ids);
-    let had_dup_ids = !dup_ids.is_empty();
-    errors.append(&mut dup_ids);
-    match KeyStore::build(entries.into_iter().map(|(d, r, _)| (d, r)).collect()) {
-        Ok(store) if !had_dup_ids => Some(store),
-        Ok(_) => None,
-        Err(dups) => {
-            for id in dups {
-                errors.push(err(
-                    "keys",
-                    format!("key {id:?} has the same sha256 as another key"),
-                ));
+fn build_store(keys: KeyStoreBuilder, errors: &mut Vec<ConfigError>) -> Option<KeyStore> {
+    match keys.build() {
+        Ok(store) => Some(store),
+        Err(clashes) => {
+            for c in clashes {
+                errors.push(match c {
+                    Clash::Id { id, later, .. } => {
+                        err(format!("keys[{later}].id"), format!("duplicate id {id:?}"))
+                    }
+                    Clash::Digest { id, .. } => err(
+                        "keys",
+                        format!("key {id:?} has the same sha256 as another key"),
+                    ),
+                });
             }
             None
         }
@@ -1329,5 +1327,25 @@ mod tests {
         assert_eq!(d(b"kg_live_0123456789abcdef"), "id=a");
         let m = d(b"kg_live_ffffffffffff9999");
         assert_eq!(m, "masked=kg_l…9999");
+    }
+
+    #[test]
+    fn a_policy_rebuilt_from_its_shared_parts_is_the_same() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../envoy/profiles");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let (policy, rest) = Policy::from_json_shareable(&bytes).unwrap();
+            assert!(!String::from_utf8_lossy(&rest).contains("sha256"));
+            let keys = KeyStore::from_bytes(policy.keys().fixed().as_bytes().to_vec()).unwrap();
+            let rebuilt = Policy::from_parts(&rest, Arc::new(keys)).unwrap();
+            assert_eq!(format!("{policy:?}"), format!("{rebuilt:?}"), "{path:?}");
+            seen += 1;
+        }
+        assert!(seen >= 4);
     }
 }

@@ -16,7 +16,7 @@ const MAX_INTERVAL_NS: u64 = 1_000 * NANOS;
 pub const MAX_CAS_RETRIES: usize = 32;
 
 /// A compiled limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Limit {
     /// Nanoseconds between two admitted requests at the sustained rate.
     pub interval_ns: u64,
