@@ -46,12 +46,20 @@ fn configuration_id(size: usize) -> Option<String> {
     Some(hex::encode(hasher.finalize()))
 }
 
+/// How a VM got its policy, for the log line.
+pub enum Origin {
+    /// Adopted from shared data.
+    Adopted,
+    /// Parsed and compiled here.
+    Compiled,
+}
+
 /// The policy for the plugin configuration of `size` bytes: adopted from
 /// another VM when it was compiled already, else compiled here and published.
-pub fn load(size: usize) -> Result<Policy, Vec<ConfigError>> {
+pub fn load(size: usize) -> Result<(Policy, Origin), Vec<ConfigError>> {
     let id = configuration_id(size);
     if let Some(policy) = id.as_deref().and_then(adopt) {
-        return Ok(policy);
+        return Ok((policy, Origin::Adopted));
     }
     let bytes = abi::plugin_configuration().map_err(|s| {
         vec![ConfigError {
@@ -64,7 +72,7 @@ pub fn load(size: usize) -> Result<Policy, Vec<ConfigError>> {
     if let Some(id) = id {
         publish(&id, &policy, &rest);
     }
-    Ok(policy)
+    Ok((policy, Origin::Compiled))
 }
 
 fn adopt(id: &str) -> Option<Policy> {

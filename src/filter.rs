@@ -70,7 +70,8 @@ impl Context for KeygateRoot {
 
 impl RootContext for KeygateRoot {
     fn on_configure(&mut self, size: usize) -> bool {
-        let policy = match config_cache::load(size) {
+        let started = abi::monotonic_ns().unwrap_or(0);
+        let (policy, origin) = match config_cache::load(size) {
             Ok(p) => p,
             Err(errors) => {
                 for e in &errors {
@@ -100,7 +101,15 @@ impl RootContext for KeygateRoot {
         self.metrics = Rc::new(Metrics::define());
         abi::log(
             Level::Info,
-            &format!("configuration loaded: {} keys", policy.keys().len()),
+            &format!(
+                "configuration loaded: {} keys, {} in {} ms",
+                policy.keys().len(),
+                match origin {
+                    config_cache::Origin::Adopted => "adopted from another VM",
+                    config_cache::Origin::Compiled => "compiled",
+                },
+                abi::monotonic_ns().unwrap_or(0).saturating_sub(started) / 1_000_000
+            ),
         );
         let base = Rc::new(policy);
         self.base = Some(base.clone());

@@ -25,11 +25,19 @@ pub fn digest(key: &[u8]) -> Digest {
 
 /// Parses 64 hex characters (either case) into a digest.
 pub fn parse_digest(hex_str: &str) -> Option<Digest> {
-    let mut out = [0u8; 32];
-    if hex_str.len() != 64 {
-        return None;
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
     }
-    hex::decode_to_slice(hex_str, &mut out).ok()?;
+    let hex: &[u8; 64] = hex_str.as_bytes().try_into().ok()?;
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
     Some(out)
 }
 
@@ -302,6 +310,13 @@ impl KeyStore {
     }
 }
 
+/// 64-bit FNV-1a, to bucket ids when looking for duplicates.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Two records that cannot both be in a store, by source position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Clash {
@@ -343,14 +358,19 @@ impl KeyStoreBuilder {
     /// to name clashes. Ids must be 1-128 visible ASCII characters (checked
     /// by the caller).
     pub fn push(&mut self, d: Digest, id: &str, profile: Profile, source: u32) {
-        let p = match self.interned.get(&profile) {
-            Some(p) => *p,
-            None => {
-                let p = self.profiles.len() as u32;
-                self.profiles.push(profile.clone());
-                self.interned.insert(profile, p);
-                p
-            }
+        // Consecutive records usually share a profile: skip the hash then.
+        let last = self.profile_of.last().copied();
+        let p = match last.filter(|&l| self.profiles.get(l as usize) == Some(&profile)) {
+            Some(l) => l,
+            None => match self.interned.get(&profile) {
+                Some(p) => *p,
+                None => {
+                    let p = self.profiles.len() as u32;
+                    self.profiles.push(profile.clone());
+                    self.interned.insert(profile, p);
+                    p
+                }
+            },
         };
         self.digests.push(d);
         self.ids.push_str(id);
@@ -389,28 +409,48 @@ impl KeyStoreBuilder {
         let n = self.len();
         let src = |i: u32| self.source.get(i as usize).copied().unwrap_or(0);
         let mut clashes = Vec::new();
-        let mut by_id: Vec<u32> = (0..n as u32).collect();
-        by_id.sort_unstable_by(|a, b| {
-            self.id(*a as usize)
-                .cmp(self.id(*b as usize))
-                .then(src(*a).cmp(&src(*b)))
-        });
-        for w in by_id.windows(2) {
-            if self.id(w[0] as usize) == self.id(w[1] as usize) {
-                clashes.push(Clash::Id {
-                    id: self.id(w[1] as usize).to_string(),
-                    first: src(w[0]),
-                    later: src(w[1]),
-                });
+        // Duplicate ids: sort by a hash of the id, compare ids only on equal hashes.
+        let mut by_id: Vec<(u64, u32)> = (0..n as u32)
+            .map(|i| (fnv1a(self.id(i as usize).as_bytes()), i))
+            .collect();
+        by_id.sort_unstable();
+        for run in by_id.chunk_by(|a, b| a.0 == b.0).filter(|r| r.len() > 1) {
+            for (j, a) in run.iter().enumerate() {
+                for b in run.iter().skip(j + 1) {
+                    if self.id(a.1 as usize) == self.id(b.1 as usize) {
+                        clashes.push(Clash::Id {
+                            id: self.id(b.1 as usize).to_string(),
+                            first: src(a.1),
+                            later: src(b.1),
+                        });
+                    }
+                }
             }
         }
-        let mut order = by_id;
-        let digest_of = |i: u32| self.digests.get(i as usize).copied().unwrap_or([0; 32]);
-        order.sort_unstable_by(|a, b| {
-            digest_of(*a)
-                .cmp(&digest_of(*b))
-                .then(src(*a).cmp(&src(*b)))
-        });
+        drop(by_id);
+        // Digest order: sort by the first eight bytes, then order the (rare)
+        // runs of equal prefixes by the whole digest.
+        const NONE: Digest = [0; 32];
+        let digest_of = |i: u32| self.digests.get(i as usize).unwrap_or(&NONE);
+        let prefix = |i: u32| {
+            let d = digest_of(i);
+            u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+        };
+        let mut keyed: Vec<(u64, u32)> = (0..n as u32).map(|i| (prefix(i), i)).collect();
+        keyed.sort_unstable();
+        let mut order: Vec<u32> = keyed.iter().map(|&(_, i)| i).collect();
+        let mut at = 0;
+        for run in keyed.chunk_by(|a, b| a.0 == b.0) {
+            if run.len() > 1 {
+                if let Some(slice) = order.get_mut(at..at + run.len()) {
+                    slice.sort_unstable_by(|a, b| {
+                        digest_of(*a).cmp(digest_of(*b)).then(src(*a).cmp(&src(*b)))
+                    });
+                }
+            }
+            at += run.len();
+        }
+        drop(keyed);
         for w in order.windows(2) {
             if digest_of(w[0]) == digest_of(w[1]) {
                 clashes.push(Clash::Digest {
@@ -430,7 +470,7 @@ impl KeyStoreBuilder {
             buf.extend_from_slice(&(v as u32).to_le_bytes());
         }
         for &i in &order {
-            buf.extend_from_slice(&digest_of(i));
+            buf.extend_from_slice(digest_of(i));
         }
         let mut end = 0u32;
         for &i in &order {

@@ -683,7 +683,7 @@ pub fn validate_key_list(bytes: &[u8]) -> Result<crate::config::KeyList, Vec<Con
     let mut keys = KeyStoreBuilder::default();
     let mut failed = Vec::new();
     for (i, k) in list.keys.iter().enumerate() {
-        match compile_key(k, &format!("keys[{i}]"), &mut errors) {
+        match compile_key(k, i as u32, &mut errors) {
             Some((d, profile)) => keys.push(d, &k.id, profile, i as u32),
             None => failed.push((k.id.clone(), i as u32)),
         }
@@ -735,7 +735,7 @@ impl<'de> serde::Deserialize<'de> for CompiledKeys {
                 let mut out = CompiledKeys::default();
                 let mut i = 0u32;
                 while let Some(k) = seq.next_element::<KeyConfig>()? {
-                    match compile_key(&k, &format!("keys[{i}]"), &mut out.errors) {
+                    match compile_key(&k, i, &mut out.errors) {
                         Some((d, profile)) => out.keys.push(d, &k.id, profile, i),
                         None => out.failed_ids.push((k.id, i)),
                     }
@@ -783,38 +783,55 @@ pub fn compile_key_list(bytes: &[u8]) -> Result<CompiledKeyList, Vec<ConfigError
     }
 }
 
-/// One record, without the list-wide checks (duplicates).
+/// One record, without the list-wide checks (duplicates). `index` is its
+/// position in `keys`; the field name is only formatted for an error, since
+/// a list may hold a million records.
 fn compile_key(
     k: &KeyConfig,
-    field: &str,
+    index: u32,
     errors: &mut Vec<ConfigError>,
 ) -> Option<(Digest, Profile)> {
+    let field = || format!("keys[{index}]");
     let before = errors.len();
     if k.id.is_empty()
         || k.id.len() > crate::keys::MAX_ID_LEN
         || !k.id.bytes().all(|b| (0x21..=0x7e).contains(&b))
     {
         errors.push(err(
-            format!("{field}.id"),
+            format!("{}.id", field()),
             "must be 1-128 visible ASCII characters",
         ));
     }
     let digest = parse_digest(&k.sha256);
     if digest.is_none() {
         errors.push(err(
-            format!("{field}.sha256"),
+            format!("{}.sha256", field()),
             "must be 64 hex characters (the SHA-256 of the key, never the key)",
         ));
     }
     let limit = k
         .rate_limit
         .as_ref()
-        .and_then(|l| compile_limit(l, &format!("{field}.rate_limit"), errors));
-    let meta = compile_meta(k, field, errors);
+        .and_then(|l| compile_limit(l, &format!("{}.rate_limit", field()), errors));
+    let meta = if has_meta(k) {
+        compile_meta(k, &field(), errors)
+    } else {
+        KeyMeta::default()
+    };
     match digest {
         Some(d) if errors.len() == before => Some((d, Profile { limit, meta })),
         _ => None,
     }
+}
+
+/// True when a record sets any of the fields of [`KeyMeta`].
+fn has_meta(k: &KeyConfig) -> bool {
+    !k.scopes.is_empty()
+        || k.expires_at.is_some()
+        || k.disabled
+        || !k.allowed_cidrs.is_empty()
+        || !k.attachments.is_empty()
+        || k.environment.is_some()
 }
 
 /// Duplicate ids involving a record that failed to compile (duplicates among
