@@ -72,6 +72,7 @@ main_bench() {
   ensure_load_tools
   ensure_rust
   ensure_venv
+  ensure_wasm_opt
 
   step "build: keygate.wasm (release) and the empty filter"
   build_wasm

@@ -74,9 +74,29 @@ envoy_bin() {
   "$KEYGATE_VENV/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))'
 }
 
+# wasm-opt (binaryen) shrinks the module by about a fifth. Installed from
+# Debian when missing and possible; without it the build is still usable.
+ensure_wasm_opt() {
+  command -v wasm-opt >/dev/null && return 0
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq binaryen >/dev/null || true
+  fi
+  command -v wasm-opt >/dev/null || echo "note: wasm-opt not found; keygate.wasm is not size-optimised"
+}
+
+# Only the features rustc emits for wasm32-wasip1: binaryen's
+# --all-features would rewrite into typed function references, which the
+# module must not use.
+WASM_OPT_FEATURES=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
+  --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types)
+
 build_wasm() {
   (cd "$KEYGATE_ROOT" && cargo build --release --target wasm32-wasip1 -p keygate)
   [[ -f "$KEYGATE_WASM" ]] || die "build succeeded but $KEYGATE_WASM is missing"
+  if command -v wasm-opt >/dev/null; then
+    wasm-opt -Oz "${WASM_OPT_FEATURES[@]}" "$KEYGATE_WASM" -o "$KEYGATE_WASM.opt" \
+      && mv "$KEYGATE_WASM.opt" "$KEYGATE_WASM"
+  fi
 }
 
 wasm_size() {
@@ -89,6 +109,7 @@ main() {
   step "setup: rust target, .venv"
   ensure_rust
   ensure_venv
+  ensure_wasm_opt
   echo "envoy: $("$(envoy_bin)" --version | grep -o 'version: .*' || true)"
 
   step "cargo fmt --check"

@@ -443,9 +443,15 @@ impl KeyStoreBuilder {
         for run in keyed.chunk_by(|a, b| a.0 == b.0) {
             if run.len() > 1 {
                 if let Some(slice) = order.get_mut(at..at + run.len()) {
-                    slice.sort_unstable_by(|a, b| {
-                        digest_of(*a).cmp(digest_of(*b)).then(src(*a).cmp(&src(*b)))
-                    });
+                    // Insertion sort: such runs hold two or three records,
+                    // and this keeps a second sort routine out of the module.
+                    for j in 1..slice.len() {
+                        let mut k = j;
+                        while k > 0 && digest_of(slice[k - 1]) > digest_of(slice[k]) {
+                            slice.swap(k - 1, k);
+                            k -= 1;
+                        }
+                    }
                 }
             }
             at += run.len();
@@ -735,5 +741,23 @@ mod tests {
             "keygate/rl/abc"
         );
         assert!(BucketName::new(BUCKET_PREFIX, &"x".repeat(300)).is_none());
+    }
+
+    #[test]
+    fn digests_sharing_a_long_prefix_are_still_ordered_and_found() {
+        let mut b = KeyStoreBuilder::default();
+        let mut digests = Vec::new();
+        for (i, last) in [9u8, 3, 7, 1].iter().enumerate() {
+            let mut d = [0xabu8; 32];
+            d[31] = *last;
+            digests.push(d);
+            b.push(d, &format!("id-{i}"), Profile::default(), i as u32);
+        }
+        let store = b.build().unwrap();
+        let order: Vec<&[u8]> = store.digests().collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]));
+        for (i, d) in digests.iter().enumerate() {
+            assert_eq!(store.get(d).unwrap().1.id(), format!("id-{i}"));
+        }
     }
 }
