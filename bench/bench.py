@@ -703,6 +703,170 @@ def startup_probe(name: str, filters: list[dict], workdir: Path, envoy_bin: Path
             pass
 
 
+def cp_probe(n: int, concurrency: int, workdir: Path, envoy_bin: Path, keygate_cli: Path, wasm: Path) -> dict:
+    """`n` keys served by `keygate serve` (default paging) to an Envoy whose
+    keygate has no static keys: time from /ready to the first 200 for the
+    key listed last (first fetch, every page, compile, publication, adoption
+    by the worker's VM), and VmRSS once it is in use."""
+    key = new_key()
+    entries = key_list(n - 1, []) + [{"id": "bench-last", "sha256": sha256_hex(key)}]
+    keys_file = workdir / f"cp-{n}.json"
+    keys_file.write_text(json.dumps({"version": 1, "keys": entries}, separators=(",", ":")))
+    del entries
+    cp_port = free_port()
+    log = open(workdir / f"cp-{n}.log", "wb")
+    serve = spawn(
+        ["taskset", "-c", UPSTREAM_CORE, str(keygate_cli), "serve", "--keys", str(keys_file), "--listen", f"127.0.0.1:{cp_port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    e: Optional[Envoy] = None
+    try:
+        deadline = time.monotonic() + 300
+        while http_status(cp_port, "/healthz", None) != 200:
+            if serve.poll() is not None or time.monotonic() > deadline:
+                raise EnvoyStartError(f"keygate serve did not start: {(workdir / f'cp-{n}.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        cfg = json.dumps({"control_plane": {"cluster": "keygate_cp", "authority": "keygate-cp", "poll_interval": "1s", "timeout": "10s"}})
+        e = new_envoy(f"cp-{n}-c{concurrency}", [wasm_filter("keygate", "keygate", wasm, cfg)], workdir, envoy_bin, None, concurrency=concurrency)
+        e.config["static_resources"]["clusters"].append(
+            {
+                "name": "keygate_cp",
+                "type": "STATIC",
+                "connect_timeout": "2s",
+                "load_assignment": {
+                    "cluster_name": "keygate_cp",
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": cp_port}}}}]}],
+                },
+            }
+        )
+        e.start(timeout=600)
+        t_ready = time.monotonic()
+        first_use = None
+        while time.monotonic() - t_ready < 120:
+            if http_status(e.port, "/direct", key) == 200:
+                first_use = time.monotonic() - t_ready
+                break
+            time.sleep(0.02)
+        time.sleep(0.3)
+        return {
+            "envoy": e.name,
+            "concurrency": concurrency,
+            "ready_s": e.ready_s,
+            "first_use_s": first_use,
+            "rss_kb": proc_rss_kb(e.pid),
+            "rss_ready_kb": e.rss_start_kb,
+            "list_file_bytes": keys_file.stat().st_size,
+        }
+    finally:
+        if e is not None:
+            e.stop()
+        stop_child(serve)
+        try:
+            keys_file.unlink()
+        except OSError:
+            pass
+
+
+def startup_probes(
+    args: argparse.Namespace,
+    envoys: dict[str, Envoy],
+    workdir: Path,
+    envoy_bin: Path,
+    keygate_wasm: Path,
+    empty_wasm: Path,
+    keygate_cli: Path,
+    extra_keys: list[dict],
+    kg10: str,
+    kg100k: str,
+) -> tuple[list[dict], list[dict]]:
+    """Time to ready and RSS (0.3 s after ready) with 10, 100k and (full
+    mode) 1M keys in the plugin configuration, at --concurrency 1 and 2, next
+    to the same JSON given to Envoy without keygate: in listener metadata (no
+    wasm at all) and as the configuration of the empty wasm filter (Envoy's
+    whole wasm path, nothing parsed). Then the same lists through the control
+    plane. Envoys of the matrix that are still running are reused."""
+    print("startup probes (time to ready, VmRSS) ...", flush=True)
+    probes: list[dict] = []
+    big = not args.quick and not args.no_1m
+
+    def add(keys: str, what: str, row: dict, cfg_bytes: int) -> None:
+        row.update(keys=keys, what=what, plugin_config_bytes=cfg_bytes)
+        probes.append(row)
+        print(
+            f"  {keys:6s} {what:22s} ready {row['ready_s']:6.2f}s  VmRSS {row['rss_kb'] / 1024:8.1f} MiB  "
+            f"(plugin config {cfg_bytes / 1e6:.1f} MB)",
+            flush=True,
+        )
+
+    def kg(cfg: str) -> list[dict]:
+        return [wasm_filter("keygate", "keygate", keygate_wasm, cfg)]
+
+    def row(name: str, filters: list[dict], conc: int, meta: Optional[dict] = None) -> dict:
+        if name in envoys and meta is None:
+            return probe_row(envoys[name])
+        return startup_probe(f"probe-{name}", filters, workdir, envoy_bin, conc, meta=meta)
+
+    add("0", "envoy, no filter", row("baseline", [], 1), 0)
+    add("0", "empty wasm filter", row("empty-wasm", [wasm_filter("empty", "empty", empty_wasm, "")], 1), 0)
+    lists = [("10", kg10), ("100k", kg100k)]
+    if big:
+        lists.append(("1M", keygate_config(key_list(1_000_000, extra_keys))))
+    for label, cfg in lists:
+        name = {"10": "keygate-10", "100k": "keygate-100k"}.get(label, "")
+        add(label, "keygate c1", row(name or "kg-1m", kg(cfg), 1), len(cfg))
+        add(label, "keygate c2", row("keygate-10-c2" if label == "10" else "kg2", kg(cfg), 2), len(cfg))
+        add(label, "same JSON, no wasm", row("blob", [], 1, meta=blob_metadata(cfg)), len(cfg))
+        if label != "10":
+            add(label, "same JSON, empty wasm", row("empty-cfg", [wasm_filter("empty", "empty", empty_wasm, cfg)], 1), len(cfg))
+    del lists
+
+    print("control-plane probes (keygate serve, paged; time from /ready to the first 200 for the last key) ...", flush=True)
+    cp_rows: list[dict] = []
+    for n, label in [(10, "10"), (100_000, "100k")] + ([(1_000_000, "1M")] if big else []):
+        for conc in (1, 2):
+            r = cp_probe(n, conc, workdir, envoy_bin, keygate_cli, keygate_wasm)
+            r["keys"] = label
+            cp_rows.append(r)
+            print(
+                f"  {label:6s} c{conc}: ready {r['ready_s']:6.2f}s, first use {fmt(r['first_use_s'], '.2f')}s after ready, "
+                f"VmRSS {r['rss_kb'] / 1024:8.1f} MiB (list {r['list_file_bytes'] / 1e6:.1f} MB)",
+                flush=True,
+            )
+    return probes, cp_rows
+
+
+def per_vm_cp(rows: list[dict]) -> dict[str, float]:
+    """VmRSS(c2) - VmRSS(c1) with the list in use, per list size, in KiB."""
+    by = {(r["keys"], r["concurrency"]): r["rss_kb"] for r in rows}
+    return {k: by[(k, 2)] - by[(k, 1)] for k in ("10", "100k", "1M") if (k, 1) in by and (k, 2) in by}
+
+
+def print_startup(sm: dict, header: bool = True) -> None:
+    if header:
+        print()
+        print("== memory and startup ==")
+    probes = sm["startup"]
+    plain = next((p["rss_kb"] for p in probes if p["what"] == "envoy, no filter"), None)
+    print(f"  {'keys':6s} {'what':22s} {'ready':>8s} {'VmRSS MiB':>10s} {'+MiB/plain':>10s} {'plugin MB':>10s}")
+    for p in probes:
+        extra = (p["rss_kb"] - plain) / 1024 if plain else None
+        print(f"  {p['keys']:6s} {p['what']:22s} {p['ready_s']:7.2f}s {p['rss_kb'] / 1024:10.1f} {fmt(extra, '+.1f'):>10s} {p['plugin_config_bytes'] / 1e6:10.1f}")
+    for k, v in sm["per_vm_rss_kb"].items():
+        print(f"  one more worker (and its keygate VM) with {k} keys in the plugin configuration: VmRSS c2 - c1 = {v / 1024:.1f} MiB")
+    print("  control plane (keygate serve, default paging):")
+    for r in sm.get("control_plane", []):
+        print(
+            f"    {r['keys']:6s} c{r['concurrency']}: first use {fmt(r['first_use_s'], '.2f')}s after /ready, "
+            f"VmRSS {r['rss_kb'] / 1024:.1f} MiB (at ready {r['rss_ready_kb'] / 1024:.1f})"
+        )
+    for k, v in sm.get("per_vm_rss_kb_control_plane", {}).items():
+        print(f"    one more worker with {k} keys from the control plane: VmRSS c2 - c1 = {v / 1024:.1f} MiB")
+    w = sm["wasm_bytes"]
+    print(f"  keygate.wasm (release): {w['keygate']} bytes; empty filter: {w['empty']} bytes")
+
+
 def probe_row(e: Envoy) -> dict:
     return {"envoy": e.name, "concurrency": e.concurrency, "ready_s": e.ready_s, "rss_kb": e.rss_start_kb, "bootstrap_bytes": e.config_bytes}
 
@@ -739,7 +903,8 @@ def main() -> int:
     ap.add_argument("--duration", type=int, help="seconds per sample")
     ap.add_argument("--busy-threshold", type=float, default=20.0, help="%% of one core used by others above which a sample is dropped")
     ap.add_argument("--out", default=str(REPO_ROOT / "target" / "bench"))
-    ap.add_argument("--no-1m", action="store_true", help="skip the 1M-key startup probe in full mode")
+    ap.add_argument("--no-1m", action="store_true", help="skip the 1M-key startup probes in full mode")
+    ap.add_argument("--startup-only", action="store_true", help="only the start-up, memory and control-plane probes (writes startup.json)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (bootstraps, logs)")
     ap.add_argument("--render", metavar="SUMMARY_JSON", help="only print the tables of an earlier run's summary.json")
     args = ap.parse_args()
@@ -749,6 +914,7 @@ def main() -> int:
     envoy_bin = Path(os.environ["BENCH_ENVOY"])
     keygate_wasm = Path(os.environ["BENCH_KEYGATE_WASM"])
     empty_wasm = Path(os.environ["BENCH_EMPTY_WASM"])
+    keygate_cli = Path(os.environ["BENCH_KEYGATE_CLI"])
     wrk = os.environ.get("BENCH_WRK", "wrk")
     h2load = os.environ.get("BENCH_H2LOAD", "h2load")
 
@@ -782,6 +948,25 @@ def main() -> int:
         kg10 = keygate_config(key_list(10, base_keys + [limited_entry]))
         kg100k = keygate_config(key_list(100_000, base_keys + [limited_entry]))
         native_keys = [("bench-allowed", allowed_key)] + [(f"k{i}", new_key()) for i in range(8)]
+
+        if args.startup_only:
+            probes, cp_rows = startup_probes(
+                args, {}, workdir, envoy_bin, keygate_wasm, empty_wasm, keygate_cli, base_keys + [limited_entry], kg10, kg100k
+            )
+            sm = {
+                "mode": "startup-only",
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_model": cpu_model()},
+                "wasm_bytes": {"keygate": keygate_wasm.stat().st_size, "empty": empty_wasm.stat().st_size},
+                "startup": probes,
+                "per_vm_rss_kb": per_vm_estimates(probes),
+                "control_plane": cp_rows,
+                "per_vm_rss_kb_control_plane": per_vm_cp(cp_rows),
+            }
+            print_startup(sm)
+            path = out_dir / "startup.json"
+            path.write_text(json.dumps(sm, indent=2))
+            print(f"  summary: {path}")
+            return 0
 
         # -- Envoys ---------------------------------------------------------
         print("starting envoys ...", flush=True)
@@ -843,44 +1028,17 @@ def main() -> int:
         upstream.stop()
 
         # -- startup probes -------------------------------------------------
-        # Time to ready and RSS (0.3 s after ready) of the Envoys above, plus
-        # probes started alone: the same plugin JSON in a non-wasm place
-        # (listener metadata) and the large lists at --concurrency 2.
-        print("startup probes (time to ready, VmRSS) ...", flush=True)
-        probes: list[dict] = []
-
-        def add(keys: str, what: str, row: dict, cfg_bytes: int) -> None:
-            row.update(keys=keys, what=what, plugin_config_bytes=cfg_bytes)
-            probes.append(row)
-            print(
-                f"  {keys:6s} {what:22s} ready {row['ready_s']:6.2f}s  VmRSS {row['rss_kb'] / 1024:8.1f} MiB  "
-                f"(plugin config {cfg_bytes / 1e6:.1f} MB)",
-                flush=True,
-            )
-
-        def kg(cfg: str) -> list[dict]:
-            return [wasm_filter("keygate", "keygate", keygate_wasm, cfg)]
-
-        add("0", "envoy, no filter", probe_row(envoys["baseline"]), 0)
-        add("0", "empty wasm filter", probe_row(envoys["empty-wasm"]), 0)
-        add("10", "keygate c1", probe_row(envoys["keygate-10"]), len(kg10))
-        add("10", "keygate c2", probe_row(envoys["keygate-10-c2"]), len(kg10))
-        add("10", "same JSON, no wasm", startup_probe("probe-blob", [], workdir, envoy_bin, 1, meta=blob_metadata(kg10)), len(kg10))
-        add("100k", "keygate c1", probe_row(envoys["keygate-100k"]), len(kg100k))
-        add("100k", "keygate c2", startup_probe("probe-kg2", kg(kg100k), workdir, envoy_bin, 2), len(kg100k))
-        add("100k", "same JSON, no wasm", startup_probe("probe-blob", [], workdir, envoy_bin, 1, meta=blob_metadata(kg100k)), len(kg100k))
+        probes, cp_rows = startup_probes(
+            args, envoys, workdir, envoy_bin, keygate_wasm, empty_wasm, keygate_cli, base_keys + [limited_entry], kg10, kg100k
+        )
         del kg100k
-        if not q and not args.no_1m:
-            kg1m = keygate_config(key_list(1_000_000, base_keys + [limited_entry]))
-            add("1M", "keygate c1", startup_probe("probe-kg", kg(kg1m), workdir, envoy_bin, 1), len(kg1m))
-            add("1M", "keygate c2", startup_probe("probe-kg2", kg(kg1m), workdir, envoy_bin, 2), len(kg1m))
-            add("1M", "same JSON, no wasm", startup_probe("probe-blob", [], workdir, envoy_bin, 1, meta=blob_metadata(kg1m)), len(kg1m))
-            del kg1m
 
         # -- report -------------------------------------------------------
         sm = build_summary(
             s, envoys, summary_cells, bench.dropped, probes, rss_end, keygate_wasm, empty_wasm, envoy_bin, load_start, time.monotonic() - t_begin
         )
+        sm["control_plane"] = cp_rows
+        sm["per_vm_rss_kb_control_plane"] = per_vm_cp(cp_rows)
         print_report(sm)
         path = out_dir / "summary.json"
         path.write_text(json.dumps(sm, indent=2))
@@ -1034,16 +1192,7 @@ def print_report(sm: dict) -> None:
             f"  {name:14s} VmRSS after start {e['rss_start_kb'] / 1024:7.1f} MiB, after the run "
             f"{fmt((e['rss_end_kb'] or 0) / 1024):>7s} MiB, ready in {e['ready_s']:.2f}s"
         )
-    probes = sm["startup"]
-    plain = next((p["rss_kb"] for p in probes if p["what"] == "envoy, no filter"), None)
-    print(f"  {'keys':6s} {'what':22s} {'ready':>8s} {'VmRSS MiB':>10s} {'+MiB/plain':>10s} {'plugin MB':>10s}")
-    for p in probes:
-        extra = (p["rss_kb"] - plain) / 1024 if plain else None
-        print(f"  {p['keys']:6s} {p['what']:22s} {p['ready_s']:7.2f}s {p['rss_kb'] / 1024:10.1f} {fmt(extra, '+.1f'):>10s} {p['plugin_config_bytes'] / 1e6:10.1f}")
-    for k, v in sm["per_vm_rss_kb"].items():
-        print(f"  one more worker (and its keygate VM) with {k} keys: VmRSS c2 - c1 = {v / 1024:.1f} MiB")
-    w = sm["wasm_bytes"]
-    print(f"  keygate.wasm (release): {w['keygate']} bytes; empty filter: {w['empty']} bytes")
+    print_startup(sm, header=False)
     print(
         f"  samples dropped as busy (others > {s['busy_threshold_pct']:.0f}% of a core): {sm['dropped_busy_samples']}; "
         f"cells with no clean sample (marked *): {sm['cells_without_clean_sample']}"

@@ -74,9 +74,10 @@ main_bench() {
   ensure_venv
   ensure_wasm_opt
 
-  step "build: keygate.wasm (release) and the empty filter"
+  step "build: keygate.wasm (release), the empty filter, the keygate CLI"
   build_wasm
   build_empty_filter
+  (cd "$KEYGATE_ROOT" && cargo build --release -p keygate-cli)
   echo "keygate.wasm: $(wasm_size) bytes; empty filter: $(wc -c <"$BENCH_EMPTY_WASM" | tr -d ' ') bytes"
 
   step "benchmark"
@@ -84,6 +85,7 @@ main_bench() {
   BENCH_ENVOY="$(envoy_bin)" \
     BENCH_KEYGATE_WASM="$KEYGATE_WASM" \
     BENCH_EMPTY_WASM="$BENCH_EMPTY_WASM" \
+    BENCH_KEYGATE_CLI="$KEYGATE_ROOT/target/release/keygate" \
     BENCH_WRK="$(command -v wrk)" \
     BENCH_H2LOAD="$(command -v h2load)" \
     "$KEYGATE_VENV/bin/python" "$KEYGATE_ROOT/bench/bench.py" "$@" &

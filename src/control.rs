@@ -8,7 +8,7 @@ use std::time::Duration;
 use keygate_core::control::{classify, ControlPlane, FetchOutcome, Lease, Published};
 use keygate_core::headers::HeaderMap;
 use keygate_core::keys::KeyStore;
-use keygate_core::policy::CompiledKeyList;
+use keygate_core::policy::{CompiledKeyList, KeyListPages};
 use keygate_core::Policy;
 
 use crate::abi::{self, Level};
@@ -28,6 +28,8 @@ pub struct Poller {
     next_fetch_ns: u64,
     /// Callout in flight.
     in_flight: Option<u32>,
+    /// Pages of a paged list received so far, with the first page's ETag.
+    pending: Option<(KeyListPages, Option<String>)>,
 }
 
 /// Counters and gauges of the control plane.
@@ -87,6 +89,7 @@ impl Poller {
             seen_generation: None,
             next_fetch_ns: 0,
             in_flight: None,
+            pending: None,
         }
     }
 
@@ -123,7 +126,9 @@ impl Poller {
         };
         if self.in_flight.is_none() && self.hold_lease(now, cp) && now >= self.next_fetch_ns {
             self.next_fetch_ns = now.saturating_add(cp.poll_ms * 1_000_000);
-            self.dispatch(cp, metrics);
+            self.pending = None;
+            let etag = read_meta().map(|(p, _)| p.etag).unwrap_or_default();
+            self.dispatch(cp, &cp.path, ("if-none-match", &etag), metrics);
         }
         (action, stale)
     }
@@ -190,16 +195,23 @@ impl Poller {
         }
     }
 
-    fn dispatch(&mut self, cp: &ControlPlane, metrics: &PollMetrics) {
-        let etag = read_meta().map(|(p, _)| p.etag).unwrap_or_default();
+    /// Sends `GET path`, with the conditional header `condition` when its
+    /// value is not empty (`If-None-Match` for a poll, `If-Match` for a later page).
+    fn dispatch(
+        &mut self,
+        cp: &ControlPlane,
+        path: &str,
+        condition: (&str, &str),
+        metrics: &PollMetrics,
+    ) {
         let mut headers = vec![
             (":method", "GET"),
-            (":path", cp.path.as_str()),
+            (":path", path),
             (":authority", cp.authority.as_str()),
             ("accept", "application/json"),
         ];
-        if !etag.is_empty() {
-            headers.push(("if-none-match", etag.as_str()));
+        if !condition.1.is_empty() {
+            headers.push(condition);
         }
         let timeout = Duration::from_millis(cp.timeout_ms);
         match proxy_wasm::hostcalls::dispatch_http_call(&cp.cluster, headers, None, vec![], timeout)
@@ -260,7 +272,22 @@ impl Poller {
             &body,
             truncated || body.len() < body_size,
             current_version,
+            self.pending.take(),
         ) {
+            FetchOutcome::MorePages { pages, etag } => {
+                let next = pages.next.clone().unwrap_or_default();
+                let if_match = etag.clone().unwrap_or_default();
+                // Keep the lease while the pages come in.
+                if let Some(now) = abi::monotonic_ns() {
+                    self.hold_lease(now, cp);
+                }
+                self.pending = Some((pages, etag));
+                self.dispatch(cp, &next, ("if-match", &if_match), metrics);
+                if self.in_flight.is_none() {
+                    self.pending = None;
+                }
+                TickAction::Nothing
+            }
             FetchOutcome::NotModified => {
                 PollMetrics::count(metrics.not_modified);
                 if let Some((mut p, cas)) = published {

@@ -1,5 +1,10 @@
 //! `keygate serve`: the reference control plane. Serves a key list file at
 //! `GET /v1/keys` with a strong ETag, and reloads it when the file changes.
+//!
+//! A long list is served in pages of `--page-size` keys: each page carries
+//! the path of the next in `next`, and a later page requested with an
+//! `If-Match` that is no longer the list's ETag gets 412, so that the filter
+//! never assembles pages of two versions.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,13 +35,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     poll_ms: u64,
+    /// Keys per page (0: the whole list in one response). Envoy refuses
+    /// callout responses of a few tens of megabytes; 50,000 keys are about 5 MB.
+    #[arg(long, value_name = "KEYS", default_value_t = 50_000)]
+    page_size: usize,
 }
 
 /// One loaded version of the list, ready to serve.
 #[derive(Debug)]
 struct Snapshot {
-    /// Compact JSON `{"version":N,"keys":[...]}`.
-    body: Bytes,
+    /// Compact JSON pages `{"version":N,"keys":[...],"next":"/v1/keys?page=2"}`;
+    /// the last page has no `next`.
+    pages: Vec<Bytes>,
     /// `"` + hex SHA-256 of `body` + `"`.
     etag: HeaderValue,
     version: u64,
@@ -59,10 +69,12 @@ struct Fingerprint {
 pub fn run(args: ServeArgs) -> Result<()> {
     let name = args.keys.display().to_string();
     let first_print = fingerprint(&args.keys).map_err(|e| e.to_string());
-    let first = load(&args.keys).map_err(|why| Failure::new(format!("{name}: {why}")))?;
+    let first = load(&args.keys, args.page_size).map_err(|why| Failure::new(format!("{name}: {why}")))?;
     log(&format!(
-        "loaded {name}: version {}, {} keys",
-        first.version, first.keys
+        "loaded {name}: version {}, {} keys in {} page(s)",
+        first.version,
+        first.keys,
+        first.pages.len()
     ));
     let shared: Shared = Arc::new(RwLock::new(Arc::new(first)));
 
@@ -79,9 +91,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let shared = Arc::clone(&shared);
         let path = args.keys.clone();
         let interval = Duration::from_millis(args.poll_ms);
+        let page_size = args.page_size;
         std::thread::Builder::new()
             .name("keygate-watch".into())
-            .spawn(move || watch(&path, &shared, first_print, interval))
+            .spawn(move || watch(&path, &shared, first_print, interval, page_size))
             .map_err(|e| Failure::because("cannot start the file watcher", e))?;
     }
 
@@ -124,20 +137,34 @@ fn respond(req: &Request<Incoming>, snapshot: &Snapshot) -> Response<Full<Bytes>
     let readable = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
         "/v1/keys" if readable => {
-            let not_modified = req
+            let page = page_number(req.uri().query());
+            let not_modified = page == Some(1)
+                && req
+                    .headers()
+                    .get_all(header::IF_NONE_MATCH)
+                    .iter()
+                    .any(|v| etag_matches(v.as_bytes(), snapshot.etag.as_bytes()));
+            let changed = req
                 .headers()
-                .get_all(header::IF_NONE_MATCH)
+                .get_all(header::IF_MATCH)
                 .iter()
-                .any(|v| etag_matches(v.as_bytes(), snapshot.etag.as_bytes()));
-            let mut res = if not_modified {
+                .any(|v| !etag_matches(v.as_bytes(), snapshot.etag.as_bytes()));
+            let body = page
+                .and_then(|p| p.checked_sub(1))
+                .and_then(|i| snapshot.pages.get(i));
+            let mut res = if changed {
+                reply(StatusCode::PRECONDITION_FAILED, Bytes::new())
+            } else if not_modified {
                 reply(StatusCode::NOT_MODIFIED, Bytes::new())
-            } else {
-                let mut res = reply(StatusCode::OK, snapshot.body.clone());
+            } else if let Some(body) = body {
+                let mut res = reply(StatusCode::OK, body.clone());
                 res.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
                 res
+            } else {
+                reply(StatusCode::NOT_FOUND, Bytes::new())
             };
             let h = res.headers_mut();
             h.insert(header::ETAG, snapshot.etag.clone());
@@ -158,6 +185,20 @@ fn respond(req: &Request<Incoming>, snapshot: &Snapshot) -> Response<Full<Bytes>
         }
         _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
     }
+}
+
+/// The page a query asks for: `page=N` (1-based), 1 without one, `None` if malformed.
+fn page_number(query: Option<&str>) -> Option<usize> {
+    let Some(query) = query else {
+        return Some(1);
+    };
+    let mut page = 1;
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if name == "page" {
+            page = value.parse().ok().filter(|p| *p >= 1)?;
+        }
+    }
+    Some(page)
 }
 
 fn reply(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
@@ -183,8 +224,17 @@ fn current(shared: &Shared) -> Arc<Snapshot> {
     )
 }
 
+/// One page of the list as served.
+#[derive(serde::Serialize)]
+struct Page<'a> {
+    version: u64,
+    keys: &'a [keygate_core::config::KeyConfig],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
 /// Reads and validates the list; the error is one line naming the field(s).
-fn load(path: &Path) -> std::result::Result<Snapshot, String> {
+fn load(path: &Path, page_size: usize) -> std::result::Result<Snapshot, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
     let list = validate_key_list(&bytes).map_err(|errors| {
         errors
@@ -193,11 +243,31 @@ fn load(path: &Path) -> std::result::Result<Snapshot, String> {
             .collect::<Vec<_>>()
             .join("; ")
     })?;
-    let body = serde_json::to_vec(&list).map_err(|e| format!("cannot serialize: {e}"))?;
-    let etag = format!("\"{}\"", hex::encode(keygate_core::keys::digest(&body)));
+    let whole = serde_json::to_vec(&list).map_err(|e| format!("cannot serialize: {e}"))?;
+    let etag = format!("\"{}\"", hex::encode(keygate_core::keys::digest(&whole)));
+    let chunks: Vec<&[keygate_core::config::KeyConfig]> = if page_size == 0 || list.keys.is_empty() {
+        vec![&list.keys]
+    } else {
+        list.keys.chunks(page_size).collect()
+    };
+    let last = chunks.len();
+    let pages = chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, keys)| {
+            let next = (i + 1 < last).then(|| format!("/v1/keys?page={}", i + 2));
+            serde_json::to_vec(&Page {
+                version: list.version,
+                keys,
+                next,
+            })
+            .map(Bytes::from)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot serialize: {e}"))?;
     Ok(Snapshot {
         etag: HeaderValue::from_str(&etag).map_err(|e| format!("bad ETag: {e}"))?,
-        body: Bytes::from(body),
+        pages,
         version: list.version,
         keys: list.keys.len(),
     })
@@ -228,6 +298,7 @@ fn watch(
     shared: &Shared,
     mut last: std::result::Result<Fingerprint, String>,
     interval: Duration,
+    page_size: usize,
 ) {
     let name = path.display().to_string();
     loop {
@@ -240,14 +311,14 @@ fn watch(
         let served = current(shared);
         let candidate = match &last {
             Err(e) => Err(format!("cannot read: {e}")),
-            Ok(_) => load(path),
+            Ok(_) => load(path, page_size),
         };
         match candidate {
             Err(why) => log(&format!(
                 "{name} not reloaded, still serving version {}: {why}",
                 served.version
             )),
-            Ok(next) if next.body == served.body => {}
+            Ok(next) if next.etag == served.etag => {}
             Ok(next) if next.version < served.version => log(&format!(
                 "{name} not reloaded, still serving version {}: version {} is older",
                 served.version, next.version

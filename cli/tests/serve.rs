@@ -23,13 +23,19 @@ struct Server {
 
 impl Server {
     fn start(keys: &Path) -> Server {
-        let mut child = common::keygate(&[
+        Server::start_with(keys, &[])
+    }
+
+    fn start_with(keys: &Path, extra: &[&str]) -> Server {
+        let mut args = vec![
             "serve",
             "--keys",
             keys.to_str().unwrap(),
             "--listen",
             "127.0.0.1:0",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        let mut child = common::keygate(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -246,4 +252,41 @@ fn refuses_to_start_on_a_broken_file() {
     ]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("missing field `sha256`"), "{}", r.stderr);
+}
+
+#[test]
+fn serves_long_lists_in_pages_that_the_filter_assembles() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.json");
+    for id in ["a", "b", "c", "d", "e"] {
+        create(&file, id, &[]);
+    }
+    let server = Server::start_with(&file, &["--page-size", "2"]);
+    server.wait_for_log("5 keys in 3 page(s)", Duration::from_secs(2));
+
+    let first = server.get("/v1/keys", "");
+    assert_eq!(first.status, 200);
+    let etag = first.header("etag").unwrap().to_string();
+    let mut pages = keygate_core::policy::KeyListPages::default();
+    pages.add(first.body.as_bytes()).unwrap();
+    let mut paths = Vec::new();
+    while let Some(next) = pages.next.clone() {
+        let r = server.get(&next, &format!("If-Match: {etag}\r\n"));
+        assert_eq!(r.status, 200, "{next}");
+        assert_eq!(r.header("etag"), Some(etag.as_str()));
+        pages.add(r.body.as_bytes()).unwrap();
+        paths.push(next);
+    }
+    assert_eq!(paths, ["/v1/keys?page=2", "/v1/keys?page=3"]);
+    assert_eq!(pages.finish().unwrap().store.len(), 5);
+
+    // The first page answers 304 to its ETag; later pages do not.
+    let r = server.get("/v1/keys", &format!("If-None-Match: {etag}\r\n"));
+    assert_eq!(r.status, 304);
+    // A page of a list that changed since the first page: 412.
+    let r = server.get("/v1/keys?page=2", "If-Match: \"stale\"\r\n");
+    assert_eq!(r.status, 412);
+    assert_eq!(server.get("/v1/keys?page=4", "").status, 404);
+    assert_eq!(server.get("/v1/keys?page=0", "").status, 404);
+    assert_eq!(server.get("/v1/keys?page=x", "").status, 404);
 }

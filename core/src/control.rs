@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{compile_key_list, CompiledKeyList, ConfigError};
+use crate::policy::{CompiledKeyList, ConfigError, KeyListPages};
 
 /// `control_plane` in the plugin configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -171,43 +171,69 @@ pub enum FetchOutcome {
         /// Its ETag, for `If-None-Match`.
         etag: Option<String>,
     },
+    /// A page of a longer list: fetch `pages.next` with `If-Match: etag`
+    /// and classify that response with these pages.
+    MorePages {
+        /// The pages so far.
+        pages: KeyListPages,
+        /// The first page's ETag.
+        etag: Option<String>,
+    },
     /// Anything else; the last good list stays.
     Failed(String),
 }
 
 /// Classifies a callout response. `status` is `None` when the callout was
 /// reset (no headers at all). `body_truncated` means the body was larger
-/// than `max_list_bytes`.
+/// than `max_list_bytes`. `pending` holds the earlier pages when this
+/// response is a later page, with the first page's ETag.
 pub fn classify(
     status: Option<u16>,
     etag: Option<&str>,
     body: &[u8],
     body_truncated: bool,
     current_version: Option<u64>,
+    pending: Option<(KeyListPages, Option<String>)>,
 ) -> FetchOutcome {
+    let paging = pending.is_some();
     match status {
         None => FetchOutcome::Failed("callout reset (no response headers)".into()),
-        Some(304) => FetchOutcome::NotModified,
+        Some(304) if !paging => FetchOutcome::NotModified,
+        Some(412) if paging => FetchOutcome::Failed(
+            "the key list changed while its pages were fetched (HTTP 412); the next poll starts over"
+                .into(),
+        ),
         Some(200) if body_truncated => {
             FetchOutcome::Failed("key list larger than max_list_bytes".into())
         }
-        Some(200) => match compile_key_list(body) {
-            Err(errors) => FetchOutcome::Failed(format!(
-                "invalid key list: {}",
-                errors.first().map(ToString::to_string).unwrap_or_default()
-            )),
-            Ok(list) if current_version.is_some_and(|v| list.version < v) => {
-                FetchOutcome::Failed(format!(
-                    "key list version {} is older than the current {}",
-                    list.version,
-                    current_version.unwrap_or_default()
-                ))
+        Some(200) => {
+            let (mut pages, etag) = match pending {
+                Some((pages, first_etag)) => (pages, first_etag),
+                None => (KeyListPages::default(), etag.map(str::to_string)),
+            };
+            if let Err(errors) = pages.add(body) {
+                return FetchOutcome::Failed(format!(
+                    "invalid key list: {}",
+                    errors.first().map(ToString::to_string).unwrap_or_default()
+                ));
             }
-            Ok(list) => FetchOutcome::Updated {
-                list,
-                etag: etag.map(str::to_string),
-            },
-        },
+            if let Some(v) = current_version.filter(|v| pages.version < *v) {
+                return FetchOutcome::Failed(format!(
+                    "key list version {} is older than the current {v}",
+                    pages.version
+                ));
+            }
+            if pages.next.is_some() {
+                return FetchOutcome::MorePages { pages, etag };
+            }
+            match pages.finish() {
+                Ok(list) => FetchOutcome::Updated { list, etag },
+                Err(errors) => FetchOutcome::Failed(format!(
+                    "invalid key list: {}",
+                    errors.first().map(ToString::to_string).unwrap_or_default()
+                )),
+            }
+        }
         Some(s) => FetchOutcome::Failed(format!("control plane answered HTTP {s}")),
     }
 }
@@ -312,25 +338,26 @@ mod tests {
     fn classify_every_fault() {
         let good = br#"{"version":5,"keys":[{"id":"a","sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#;
         assert!(matches!(
-            classify(Some(200), Some("\"e\""), good, false, Some(4)),
+            classify(Some(200), Some("\"e\""), good, false, Some(4), None),
             FetchOutcome::Updated { .. }
         ));
         assert!(matches!(
-            classify(Some(200), None, good, false, Some(5)),
+            classify(Some(200), None, good, false, Some(5), None),
             FetchOutcome::Updated { .. }
         ));
         assert!(matches!(
-            classify(Some(304), None, b"", false, Some(5)),
+            classify(Some(304), None, b"", false, Some(5), None),
             FetchOutcome::NotModified
         ));
         let failed = |o: FetchOutcome| matches!(o, FetchOutcome::Failed(_));
-        assert!(failed(classify(None, None, b"", false, Some(5))));
-        assert!(failed(classify(Some(500), None, good, false, None)));
+        assert!(failed(classify(None, None, b"", false, Some(5), None)));
+        assert!(failed(classify(Some(500), None, good, false, None, None)));
         assert!(failed(classify(
             Some(503),
             None,
             b"no healthy upstream",
             false,
+            None,
             None
         )));
         assert!(failed(classify(
@@ -338,14 +365,23 @@ mod tests {
             None,
             b"upstream request timeout",
             false,
+            None,
             None
         )));
-        assert!(failed(classify(Some(200), None, b"garbage", false, None)));
+        assert!(failed(classify(
+            Some(200),
+            None,
+            b"garbage",
+            false,
+            None,
+            None
+        )));
         assert!(failed(classify(
             Some(200),
             None,
             &good[..good.len() - 10],
             false,
+            None,
             None
         )));
         assert!(failed(classify(
@@ -353,10 +389,100 @@ mod tests {
             None,
             br#"{"version":1,"keyz":[]}"#,
             false,
+            None,
             None
         )));
-        assert!(failed(classify(Some(200), None, good, true, None)));
-        assert!(failed(classify(Some(200), None, good, false, Some(6))));
+        assert!(failed(classify(Some(200), None, good, true, None, None)));
+        assert!(failed(classify(
+            Some(200),
+            None,
+            good,
+            false,
+            Some(6),
+            None
+        )));
+    }
+
+    #[test]
+    fn paged_lists_are_assembled_and_checked() {
+        let h = |c: char| c.to_string().repeat(64);
+        let page = |version: u64, ids: &[(&str, char)], next: Option<&str>| {
+            let keys: Vec<String> = ids
+                .iter()
+                .map(|(id, c)| format!(r#"{{"id":"{id}","sha256":"{}"}}"#, h(*c)))
+                .collect();
+            let next = next.map_or(String::new(), |n| format!(r#","next":"{n}""#));
+            format!(
+                r#"{{"version":{version},"keys":[{}]{next}}}"#,
+                keys.join(",")
+            )
+        };
+        let first = page(7, &[("a", 'a'), ("b", 'b')], Some("/v1/keys?page=2"));
+        let FetchOutcome::MorePages { pages, etag } = classify(
+            Some(200),
+            Some("\"e7\""),
+            first.as_bytes(),
+            false,
+            Some(6),
+            None,
+        ) else {
+            panic!("expected more pages");
+        };
+        assert_eq!(pages.next.as_deref(), Some("/v1/keys?page=2"));
+        assert_eq!(etag.as_deref(), Some("\"e7\""));
+        let last = page(7, &[("c", 'c')], None);
+        let pending = Some((pages.clone(), etag.clone()));
+        match classify(Some(200), None, last.as_bytes(), false, Some(6), pending) {
+            FetchOutcome::Updated { list, etag } => {
+                assert_eq!(list.version, 7);
+                assert_eq!(list.store.len(), 3);
+                assert_eq!(etag.as_deref(), Some("\"e7\""));
+            }
+            other => panic!("{other:?}"),
+        }
+        let failed = |o: FetchOutcome| matches!(o, FetchOutcome::Failed(_));
+        // A later page of another version, a 412, a 304 mid-list, a
+        // duplicate across pages, a next that is not a path: all refused.
+        let pending = || Some((pages.clone(), etag.clone()));
+        let newer = page(8, &[("c", 'c')], None);
+        assert!(failed(classify(
+            Some(200),
+            None,
+            newer.as_bytes(),
+            false,
+            None,
+            pending()
+        )));
+        assert!(failed(classify(
+            Some(412),
+            None,
+            b"",
+            false,
+            None,
+            pending()
+        )));
+        assert!(failed(classify(
+            Some(304),
+            None,
+            b"",
+            false,
+            None,
+            pending()
+        )));
+        let dup = page(7, &[("c", 'a')], None);
+        match classify(Some(200), None, dup.as_bytes(), false, None, pending()) {
+            FetchOutcome::Failed(why) => assert!(why.contains("same sha256"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let bad_next = page(7, &[("c", 'c')], Some("http://elsewhere/"));
+        assert!(failed(classify(
+            Some(200),
+            None,
+            bad_next.as_bytes(),
+            false,
+            None,
+            None
+        )));
     }
 
     #[test]

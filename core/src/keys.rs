@@ -389,6 +389,23 @@ impl KeyStoreBuilder {
         self.digests.is_empty()
     }
 
+    /// Appends every record of `other`, shifting its source positions by `offset`.
+    pub fn append(&mut self, other: &KeyStoreBuilder, offset: u32) {
+        for i in 0..other.len() {
+            let (Some(d), Some(p), Some(src)) = (
+                other.digests.get(i),
+                other
+                    .profile_of
+                    .get(i)
+                    .and_then(|p| other.profiles.get(*p as usize)),
+                other.source.get(i),
+            ) else {
+                continue;
+            };
+            self.push(*d, other.id(i), p.clone(), src.saturating_add(offset));
+        }
+    }
+
     fn id(&self, i: usize) -> &str {
         let end = self.id_ends.get(i).copied().unwrap_or(0) as usize;
         let start = match i {

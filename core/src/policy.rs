@@ -755,6 +755,8 @@ struct KeyListDocument {
     version: u64,
     #[serde(default)]
     keys: CompiledKeys,
+    #[serde(default)]
+    next: Option<String>,
 }
 
 /// A control-plane key list compiled and indexed for the filter.
@@ -766,21 +768,96 @@ pub struct CompiledKeyList {
     pub store: Arc<KeyStore>,
 }
 
+/// A key list received so far: one page or several, not yet indexed. A
+/// control plane may split a long list into pages (Envoy refuses callout
+/// responses of a few tens of megabytes); each page names the path of the
+/// next in `next`, and the last page has none.
+#[derive(Debug, Clone, Default)]
+pub struct KeyListPages {
+    /// Version, the same on every page.
+    pub version: u64,
+    /// Path of the next page, if any.
+    pub next: Option<String>,
+    /// Pages received.
+    pub pages: u32,
+    keys: KeyStoreBuilder,
+    records: u32,
+}
+
+impl KeyListPages {
+    /// Records received so far.
+    pub fn records(&self) -> u32 {
+        self.records
+    }
+
+    /// Parses and compiles one page and adds it. The first page starts a
+    /// list; a later page must carry the same version. Problems name the
+    /// page and its record (`page 2: keys[7].sha256`).
+    pub fn add(&mut self, bytes: &[u8]) -> Result<(), Vec<ConfigError>> {
+        let label = |e: ConfigError| {
+            if self.pages == 0 {
+                e
+            } else {
+                err(format!("page {}: {}", self.pages + 1, e.field), e.message)
+            }
+        };
+        let doc: KeyListDocument = parse_json(bytes, "key list")
+            .map_err(|e| e.into_iter().map(label).collect::<Vec<_>>())?;
+        if !doc.keys.errors.is_empty() {
+            return Err(doc.keys.errors.into_iter().map(label).collect());
+        }
+        if self.pages > 0 && doc.version != self.version {
+            return Err(vec![err(
+                "version",
+                format!(
+                    "page {} has version {}, the first page {}: the list changed while paging",
+                    self.pages + 1,
+                    doc.version,
+                    self.version
+                ),
+            )]);
+        }
+        if let Some(next) = &doc.next {
+            if !next.starts_with('/')
+                || next.len() > 2048
+                || !next.bytes().all(|b| (0x21..=0x7e).contains(&b))
+            {
+                return Err(vec![label(err(
+                    "next",
+                    "must be a path starting with '/' (visible ASCII, at most 2048 bytes)",
+                ))]);
+            }
+        }
+        self.keys.append(&doc.keys.keys, self.records);
+        self.records = self
+            .records
+            .saturating_add(u32::try_from(doc.keys.len()).unwrap_or(u32::MAX));
+        self.version = doc.version;
+        self.next = doc.next;
+        self.pages += 1;
+        Ok(())
+    }
+
+    /// Indexes the whole list, reporting duplicate ids and digests.
+    pub fn finish(self) -> Result<CompiledKeyList, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        match build_store(self.keys, &mut errors) {
+            Some(store) if errors.is_empty() => Ok(CompiledKeyList {
+                version: self.version,
+                store: Arc::new(store),
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
 /// Parses and compiles a control-plane key list (same JSON as
 /// [`crate::config::KeyList`]), reporting every problem. Clashes with
 /// static keys are found when the list is merged: `Policy::with_key_list`.
 pub fn compile_key_list(bytes: &[u8]) -> Result<CompiledKeyList, Vec<ConfigError>> {
-    let doc: KeyListDocument = parse_json(bytes, "key list")?;
-    let mut errors = doc.keys.errors;
-    errors.extend(failed_duplicate_ids(&doc.keys.keys, &doc.keys.failed_ids));
-    let store = build_store(doc.keys.keys, &mut errors);
-    match store {
-        Some(store) if errors.is_empty() => Ok(CompiledKeyList {
-            version: doc.version,
-            store: Arc::new(store),
-        }),
-        _ => Err(errors),
-    }
+    let mut list = KeyListPages::default();
+    list.add(bytes)?;
+    list.finish()
 }
 
 /// One record, without the list-wide checks (duplicates). `index` is its

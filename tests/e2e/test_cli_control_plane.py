@@ -40,13 +40,23 @@ def cli(*args: str) -> str:
 
 @pytest.fixture
 def served(tmp_path: Path):
-    """keygate serve on a fresh keys.json; yields (keys_file, port)."""
+    """keygate serve on a fresh keys.json; yields (keys_file, port, seed key)."""
+    yield from _serve(tmp_path)
+
+
+@pytest.fixture
+def served_in_pages(tmp_path: Path):
+    """The same, serving two keys per page."""
+    yield from _serve(tmp_path, "--page-size", "2")
+
+
+def _serve(tmp_path: Path, *extra: str):
     keys = tmp_path / "keys.json"
     first = cli("keys", "create", "--id", "seed", "--file", str(keys)).strip()
     port = harness.free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
-        [str(keygate_bin()), "serve", "--keys", str(keys), "--listen", f"127.0.0.1:{port}"],
+        [str(keygate_bin()), "serve", "--keys", str(keys), "--listen", f"127.0.0.1:{port}", *extra],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -129,3 +139,22 @@ def test_revocation_reaches_every_worker_within_seconds(served, start_envoy) -> 
     assert p99 <= 2.0, latencies
     # A revoked key stays revoked, the seed key is unaffected.
     assert envoy.request("GET", "/", [harness.xkey(seed)]).status == 200
+
+
+def test_a_list_served_in_pages_is_assembled_and_updated(served_in_pages, start_envoy) -> None:
+    keys, port, seed = served_in_pages
+    created = {f"p-{i}": cli("keys", "create", "--id", f"p-{i}", "--file", str(keys)).strip() for i in range(6)}
+    envoy = start_envoy(cp_config(poll_interval="500ms", timeout="1s"), port, concurrency=2)
+    every = [seed, *created.values()]
+
+    def status_of_all() -> list[int]:
+        return [envoy.request("GET", "/", [harness.xkey(k)]).status for k in every]
+
+    # Seven keys in four pages: every page's keys work, on both workers.
+    assert harness.wait_until(lambda: status_of_all() == [200] * 7, timeout=10), status_of_all()
+    assert harness.wait_until(lambda: "published (7 keys)" in envoy.log_text(), timeout=15)
+    # A change lands in the third page: the next poll fetches every page again.
+    cli("keys", "revoke", "p-3", "--file", str(keys))
+    assert harness.wait_until(lambda: envoy.request("GET", "/", [harness.xkey(created["p-3"])]).status == 401, timeout=5)
+    assert status_of_all() == [200, 200, 200, 200, 401, 200, 200]
+    report("paged control-plane list (2 keys per page, 4 pages): assembled, and a revocation on page 3 applied")
