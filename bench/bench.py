@@ -439,6 +439,14 @@ def new_envoy(name: str, filters: list[dict], workdir: Path, envoy_bin: Path, up
 # ---------------------------------------------------------------------------
 
 
+def status_or_zero(port: int, path: str, key: Optional[str]) -> int:
+    """`http_status`, or 0 while nothing listens or the request fails."""
+    try:
+        return http_status(port, path, key)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
 def http_status(port: int, path: str, key: Optional[str]) -> int:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
     if key is not None:
@@ -538,6 +546,7 @@ class Bench:
         self.h2load = h2load
         self.dropped = 0
         self.samples: dict[Cell, list[dict]] = {}
+        self.extra_headers: list[tuple[str, str]] = []
 
     def our_ticks(self) -> int:
         pids = [e.pid for e in self.envoys.values()] + [self.upstream.pid]
@@ -545,7 +554,8 @@ class Bench:
 
     def _headers(self, path: str) -> list[str]:
         key = self.keys[path]
-        return ["-H", f"x-api-key: {key}"] if key is not None else []
+        extra = [h for name, value in self.extra_headers for h in ("-H", f"{name}: {value}")]
+        return (["-H", f"x-api-key: {key}"] if key is not None else []) + extra
 
     def warmup(self, cell: Cell, url: str) -> None:
         cmd = ["taskset", "-c", LOADGEN_CORE, self.h2load, "-t1", "-D", self.s.warmup]
@@ -724,7 +734,7 @@ def cp_probe(n: int, concurrency: int, workdir: Path, envoy_bin: Path, keygate_c
     e: Optional[Envoy] = None
     try:
         deadline = time.monotonic() + 300
-        while http_status(cp_port, "/healthz", None) != 200:
+        while status_or_zero(cp_port, "/healthz", None) != 200:
             if serve.poll() is not None or time.monotonic() > deadline:
                 raise EnvoyStartError(f"keygate serve did not start: {(workdir / f'cp-{n}.log').read_text()[-2000:]}")
             time.sleep(0.1)
@@ -745,7 +755,7 @@ def cp_probe(n: int, concurrency: int, workdir: Path, envoy_bin: Path, keygate_c
         t_ready = time.monotonic()
         first_use = None
         while time.monotonic() - t_ready < 120:
-            if http_status(e.port, "/direct", key) == 200:
+            if status_or_zero(e.port, "/direct", key) == 200:
                 first_use = time.monotonic() - t_ready
                 break
             time.sleep(0.02)
@@ -837,6 +847,56 @@ def startup_probes(
     return probes, cp_rows
 
 
+HOST_CALLS = ["header_pairs", "shared_get", "shared_set", "clock", "replace_header", "remove_header", "metric", "filter_state"]
+CALLS_PER_REQUEST = 10
+
+
+def host_call_costs(s: Settings, workdir: Path, envoy_bin: Path, probe_wasm: Path, wrk: str, h2load: str) -> dict:
+    """Envoy CPU per call of each host function keygate uses on the request
+    path: the probe filter makes 10 calls of one kind per request; the cost
+    of a call is (probe - probe making no call) / 10, median over rounds of
+    the per-round difference. Same method as the matrix (pinning,
+    interleaving, busy samples dropped)."""
+    print("host-call probes (10 calls of one kind per request) ...", flush=True)
+    kinds = ["nothing"] + HOST_CALLS
+    envoys: dict[str, Envoy] = {}
+    # Bench counts the CPU of an upstream; this one only idles.
+    up_port, up_admin = free_port(), free_port()
+    upstream = Envoy("probe-upstream", upstream_bootstrap(up_port, up_admin), workdir, envoy_bin, cpus=UPSTREAM_CORE, port=up_port, admin_port=up_admin)
+    try:
+        upstream.start()
+        for kind in kinds:
+            n = 0 if kind == "nothing" else CALLS_PER_REQUEST
+            e = new_envoy(f"probe-{kind}", [wasm_filter("probe", "probe", probe_wasm, f"{kind}:{n}")], workdir, envoy_bin, None)
+            e.start()
+            envoys[kind] = e
+        bench = Bench(s, envoys, upstream, {"allowed": None}, wrk, h2load)
+        bench.extra_headers = [(f"x-probe-{i}", "v") for i in range(CALLS_PER_REQUEST)]
+        cells = [Cell(k, "direct", "allowed", "h1") for k in kinds]
+        bench.run(cells)
+        by_round: dict[str, dict[int, float]] = {
+            c.config: {r["round"]: r["us_per_req"] for r in rs if not r["busy"] and r["us_per_req"] is not None}
+            for c, rs in bench.samples.items()
+        }
+        out: dict[str, Any] = {"floor_us_per_req": med(list(by_round["nothing"].values())), "per_call_us": {}}
+        for kind in HOST_CALLS:
+            diffs = [(by_round[kind][r] - by_round["nothing"][r]) / CALLS_PER_REQUEST for r in by_round[kind] if r in by_round["nothing"]]
+            out["per_call_us"][kind] = med(diffs)
+        return out
+    finally:
+        for e in envoys.values():
+            e.stop()
+        upstream.stop()
+
+
+def print_host_calls(hc: dict) -> None:
+    print()
+    print("== host calls: Envoy CPU per call (10 calls per request, minus the probe making none) ==")
+    print(f"  probe filter making no call: {fmt(hc['floor_us_per_req'])} us/req")
+    for kind, us in hc["per_call_us"].items():
+        print(f"  {kind:16s} {fmt(us, '.2f'):>6s} us")
+
+
 def per_vm_cp(rows: list[dict]) -> dict[str, float]:
     """VmRSS(c2) - VmRSS(c1) with the list in use, per list size, in KiB."""
     by = {(r["keys"], r["concurrency"]): r["rss_kb"] for r in rows}
@@ -904,6 +964,7 @@ def main() -> int:
     ap.add_argument("--busy-threshold", type=float, default=20.0, help="%% of one core used by others above which a sample is dropped")
     ap.add_argument("--out", default=str(REPO_ROOT / "target" / "bench"))
     ap.add_argument("--no-1m", action="store_true", help="skip the 1M-key startup probes in full mode")
+    ap.add_argument("--host-calls", action="store_true", help="only the host-call probes (writes host_calls.json)")
     ap.add_argument("--startup-only", action="store_true", help="only the start-up, memory and control-plane probes (writes startup.json)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (bootstraps, logs)")
     ap.add_argument("--render", metavar="SUMMARY_JSON", help="only print the tables of an earlier run's summary.json")
@@ -915,6 +976,7 @@ def main() -> int:
     keygate_wasm = Path(os.environ["BENCH_KEYGATE_WASM"])
     empty_wasm = Path(os.environ["BENCH_EMPTY_WASM"])
     keygate_cli = Path(os.environ["BENCH_KEYGATE_CLI"])
+    probe_wasm = Path(os.environ["BENCH_PROBE_WASM"])
     wrk = os.environ.get("BENCH_WRK", "wrk")
     h2load = os.environ.get("BENCH_H2LOAD", "h2load")
 
@@ -948,6 +1010,14 @@ def main() -> int:
         kg10 = keygate_config(key_list(10, base_keys + [limited_entry]))
         kg100k = keygate_config(key_list(100_000, base_keys + [limited_entry]))
         native_keys = [("bench-allowed", allowed_key)] + [(f"k{i}", new_key()) for i in range(8)]
+
+        if args.host_calls:
+            hc = host_call_costs(s, workdir, envoy_bin, probe_wasm, wrk, h2load)
+            print_host_calls(hc)
+            path = out_dir / "host_calls.json"
+            path.write_text(json.dumps(hc, indent=2))
+            print(f"  summary: {path}")
+            return 0
 
         if args.startup_only:
             probes, cp_rows = startup_probes(
@@ -1027,6 +1097,8 @@ def main() -> int:
             e.stop()
         upstream.stop()
 
+        hc = host_call_costs(s, workdir, envoy_bin, probe_wasm, wrk, h2load)
+
         # -- startup probes -------------------------------------------------
         probes, cp_rows = startup_probes(
             args, envoys, workdir, envoy_bin, keygate_wasm, empty_wasm, keygate_cli, base_keys + [limited_entry], kg10, kg100k
@@ -1038,6 +1110,7 @@ def main() -> int:
             s, envoys, summary_cells, bench.dropped, probes, rss_end, keygate_wasm, empty_wasm, envoy_bin, load_start, time.monotonic() - t_begin
         )
         sm["control_plane"] = cp_rows
+        sm["host_calls"] = hc
         sm["per_vm_rss_kb_control_plane"] = per_vm_cp(cp_rows)
         print_report(sm)
         path = out_dir / "summary.json"
@@ -1193,6 +1266,8 @@ def print_report(sm: dict) -> None:
             f"{fmt((e['rss_end_kb'] or 0) / 1024):>7s} MiB, ready in {e['ready_s']:.2f}s"
         )
     print_startup(sm, header=False)
+    if "host_calls" in sm:
+        print_host_calls(sm["host_calls"])
     print(
         f"  samples dropped as busy (others > {s['busy_threshold_pct']:.0f}% of a core): {sm['dropped_busy_samples']}; "
         f"cells with no clean sample (marked *): {sm['cells_without_clean_sample']}"

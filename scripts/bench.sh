@@ -46,6 +46,15 @@ ensure_load_tools() {
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+BENCH_PROBE_TARGET="$KEYGATE_ROOT/target/bench-probe"
+BENCH_PROBE_WASM="$BENCH_PROBE_TARGET/wasm32-wasip1/release/keygate_hostcall_probe.wasm"
+
+build_probe_filter() {
+  (cd "$KEYGATE_ROOT" && cargo build --release --target wasm32-wasip1 \
+    --manifest-path bench/hostcall-probe/Cargo.toml --target-dir "$BENCH_PROBE_TARGET")
+  [[ -f "$BENCH_PROBE_WASM" ]] || die "build succeeded but $BENCH_PROBE_WASM is missing"
+}
+
 build_empty_filter() {
   (cd "$KEYGATE_ROOT" && cargo build --release --target wasm32-wasip1 \
     --manifest-path bench/empty-filter/Cargo.toml --target-dir "$BENCH_EMPTY_TARGET")
@@ -77,6 +86,7 @@ main_bench() {
   step "build: keygate.wasm (release), the empty filter, the keygate CLI"
   build_wasm
   build_empty_filter
+  build_probe_filter
   (cd "$KEYGATE_ROOT" && cargo build --release -p keygate-cli)
   echo "keygate.wasm: $(wasm_size) bytes; empty filter: $(wc -c <"$BENCH_EMPTY_WASM" | tr -d ' ') bytes"
 
@@ -86,6 +96,7 @@ main_bench() {
     BENCH_KEYGATE_WASM="$KEYGATE_WASM" \
     BENCH_EMPTY_WASM="$BENCH_EMPTY_WASM" \
     BENCH_KEYGATE_CLI="$KEYGATE_ROOT/target/release/keygate" \
+    BENCH_PROBE_WASM="$BENCH_PROBE_WASM" \
     BENCH_WRK="$(command -v wrk)" \
     BENCH_H2LOAD="$(command -v h2load)" \
     "$KEYGATE_VENV/bin/python" "$KEYGATE_ROOT/bench/bench.py" "$@" &

@@ -281,7 +281,7 @@ impl Poller {
                 if let Some(now) = abi::monotonic_ns() {
                     self.hold_lease(now, cp);
                 }
-                self.pending = Some((pages, etag));
+                self.pending = Some((*pages, etag));
                 self.dispatch(cp, &next, ("if-match", &if_match), metrics);
                 if self.in_flight.is_none() {
                     self.pending = None;

@@ -69,7 +69,8 @@ struct Fingerprint {
 pub fn run(args: ServeArgs) -> Result<()> {
     let name = args.keys.display().to_string();
     let first_print = fingerprint(&args.keys).map_err(|e| e.to_string());
-    let first = load(&args.keys, args.page_size).map_err(|why| Failure::new(format!("{name}: {why}")))?;
+    let first =
+        load(&args.keys, args.page_size).map_err(|why| Failure::new(format!("{name}: {why}")))?;
     log(&format!(
         "loaded {name}: version {}, {} keys in {} page(s)",
         first.version,
@@ -245,7 +246,8 @@ fn load(path: &Path, page_size: usize) -> std::result::Result<Snapshot, String> 
     })?;
     let whole = serde_json::to_vec(&list).map_err(|e| format!("cannot serialize: {e}"))?;
     let etag = format!("\"{}\"", hex::encode(keygate_core::keys::digest(&whole)));
-    let chunks: Vec<&[keygate_core::config::KeyConfig]> = if page_size == 0 || list.keys.is_empty() {
+    let chunks: Vec<&[keygate_core::config::KeyConfig]> = if page_size == 0 || list.keys.is_empty()
+    {
         vec![&list.keys]
     } else {
         list.keys.chunks(page_size).collect()

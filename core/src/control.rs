@@ -175,7 +175,7 @@ pub enum FetchOutcome {
     /// and classify that response with these pages.
     MorePages {
         /// The pages so far.
-        pages: KeyListPages,
+        pages: Box<KeyListPages>,
         /// The first page's ETag.
         etag: Option<String>,
     },
@@ -224,7 +224,10 @@ pub fn classify(
                 ));
             }
             if pages.next.is_some() {
-                return FetchOutcome::MorePages { pages, etag };
+                return FetchOutcome::MorePages {
+                    pages: Box::new(pages),
+                    etag,
+                };
             }
             match pages.finish() {
                 Ok(list) => FetchOutcome::Updated { list, etag },
@@ -431,7 +434,7 @@ mod tests {
         assert_eq!(pages.next.as_deref(), Some("/v1/keys?page=2"));
         assert_eq!(etag.as_deref(), Some("\"e7\""));
         let last = page(7, &[("c", 'c')], None);
-        let pending = Some((pages.clone(), etag.clone()));
+        let pending = Some((*pages.clone(), etag.clone()));
         match classify(Some(200), None, last.as_bytes(), false, Some(6), pending) {
             FetchOutcome::Updated { list, etag } => {
                 assert_eq!(list.version, 7);
@@ -443,7 +446,7 @@ mod tests {
         let failed = |o: FetchOutcome| matches!(o, FetchOutcome::Failed(_));
         // A later page of another version, a 412, a 304 mid-list, a
         // duplicate across pages, a next that is not a path: all refused.
-        let pending = || Some((pages.clone(), etag.clone()));
+        let pending = || Some((*pages.clone(), etag.clone()));
         let newer = page(8, &[("c", 'c')], None);
         assert!(failed(classify(
             Some(200),
