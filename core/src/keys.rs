@@ -350,7 +350,10 @@ pub struct KeyStoreBuilder {
     /// Position of each record in the list it came from.
     source: Vec<u32>,
     profiles: Vec<Profile>,
-    interned: HashMap<Profile, u32>,
+    /// Hash of a profile → its index, so that a list where every key has
+    /// its own settings (an expiry each) holds each profile once, not twice.
+    interned: HashMap<u64, u32>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl KeyStoreBuilder {
@@ -358,19 +361,26 @@ impl KeyStoreBuilder {
     /// to name clashes. Ids must be 1-128 visible ASCII characters (checked
     /// by the caller).
     pub fn push(&mut self, d: Digest, id: &str, profile: Profile, source: u32) {
+        use std::hash::BuildHasher as _;
         // Consecutive records usually share a profile: skip the hash then.
         let last = self.profile_of.last().copied();
         let p = match last.filter(|&l| self.profiles.get(l as usize) == Some(&profile)) {
             Some(l) => l,
-            None => match self.interned.get(&profile) {
-                Some(p) => *p,
-                None => {
-                    let p = self.profiles.len() as u32;
-                    self.profiles.push(profile.clone());
-                    self.interned.insert(profile, p);
-                    p
+            None => {
+                let h = self.hasher.hash_one(&profile);
+                match self.interned.get(&h) {
+                    Some(&p) if self.profiles.get(p as usize) == Some(&profile) => p,
+                    found => {
+                        // A 64-bit collision only costs the sharing.
+                        let p = self.profiles.len() as u32;
+                        self.profiles.push(profile);
+                        if found.is_none() {
+                            self.interned.insert(h, p);
+                        }
+                        p
+                    }
                 }
-            },
+            }
         };
         self.digests.push(d);
         self.ids.push_str(id);
@@ -775,6 +785,30 @@ mod tests {
         assert!(order.windows(2).all(|w| w[0] < w[1]));
         for (i, d) in digests.iter().enumerate() {
             assert_eq!(store.get(d).unwrap().1.id(), format!("id-{i}"));
+        }
+    }
+
+    #[test]
+    fn keys_with_settings_of_their_own_each_keep_theirs() {
+        let mut b = KeyStoreBuilder::default();
+        for i in 0..500u32 {
+            let meta = KeyMeta {
+                expires_at: Some(1_700_000_000 + i64::from(i)),
+                ..KeyMeta::default()
+            };
+            b.push(
+                digest(&i.to_le_bytes()),
+                &format!("k{i}"),
+                Profile { limit: None, meta },
+                i,
+            );
+        }
+        let store = KeyStore::from_bytes(b.build().unwrap().as_bytes().to_vec()).unwrap();
+        assert_eq!(store.profile_count(), 500);
+        for i in [0u32, 17, 499] {
+            let k = store.lookup(&i.to_le_bytes()).unwrap();
+            assert_eq!(k.id(), format!("k{i}"));
+            assert_eq!(k.meta().expires_at, Some(1_700_000_000 + i64::from(i)));
         }
     }
 }
