@@ -141,11 +141,11 @@ pub fn log_enabled(level: Level) -> bool {
     s != OK || current <= level as u32
 }
 
-/// Up to `max` bytes of a host buffer, from the start.
-fn buffer(kind: u32, max: usize) -> Result<Vec<u8>, Status> {
+/// Up to `max` bytes of a host buffer, from offset `start`.
+fn buffer(kind: u32, start: usize, max: usize) -> Result<Vec<u8>, Status> {
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: out-pointers are valid; the host allocates through our allocator.
-    let s = unsafe { proxy_get_buffer_bytes(kind, 0, max, &mut data, &mut size) };
+    let s = unsafe { proxy_get_buffer_bytes(kind, start, max, &mut data, &mut size) };
     match s {
         OK => Ok(unsafe { owned(data, size) }),
         NOT_FOUND => Ok(Vec::new()),
@@ -155,25 +155,17 @@ fn buffer(kind: u32, max: usize) -> Result<Vec<u8>, Status> {
 
 /// The whole plugin configuration buffer.
 pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
-    buffer(PLUGIN_CONFIGURATION, usize::MAX)
+    buffer(PLUGIN_CONFIGURATION, 0, usize::MAX)
 }
 
 /// Up to `max` bytes of the plugin configuration from offset `start`.
 pub fn plugin_configuration_range(start: usize, max: usize) -> Result<Vec<u8>, Status> {
-    let (mut data, mut size) = (null_mut(), 0usize);
-    // SAFETY: out-pointers are valid; the host allocates through our allocator.
-    let s =
-        unsafe { proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, start, max, &mut data, &mut size) };
-    match s {
-        OK => Ok(unsafe { owned(data, size) }),
-        NOT_FOUND => Ok(Vec::new()),
-        e => Err(e),
-    }
+    buffer(PLUGIN_CONFIGURATION, start, max)
 }
 
 /// The buffered request body, up to `max` bytes.
 pub fn request_body(max: usize) -> Result<Vec<u8>, Status> {
-    buffer(REQUEST_BODY, max)
+    buffer(REQUEST_BODY, 0, max)
 }
 
 /// An Envoy attribute such as `source.address` (path segments joined by NUL).
@@ -209,7 +201,7 @@ pub fn request_header_pairs() -> Result<Vec<u8>, Status> {
 
 /// Up to `max` bytes of the HTTP callout response body.
 pub fn callout_body(max: usize) -> Result<Vec<u8>, Status> {
-    buffer(CALLOUT_RESPONSE_BODY, max)
+    buffer(CALLOUT_RESPONSE_BODY, 0, max)
 }
 
 /// Removes every value of a request header.

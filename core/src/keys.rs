@@ -546,9 +546,10 @@ impl KeySet {
     pub fn with_list(&self, list: Arc<KeyStore>) -> Result<KeySet, Vec<(String, String)>> {
         let mut clashes = Vec::new();
         if !self.fixed.is_empty() {
-            let fixed_ids: HashMap<&str, ()> = self.fixed.iter().map(|k| (k.id(), ())).collect();
+            let fixed_ids: std::collections::HashSet<&str> =
+                self.fixed.iter().map(|k| k.id()).collect();
             for k in list.iter() {
-                if fixed_ids.contains_key(k.id()) {
+                if fixed_ids.contains(k.id()) {
                     clashes.push((k.id().to_string(), "same id".to_string()));
                 }
             }
