@@ -258,7 +258,9 @@ impl Poller {
                 .and_then(|s| s.parse::<u16>().ok())
         };
         let etag = map.get(b"etag").and_then(|e| std::str::from_utf8(e).ok());
-        let truncated = body_size > cp.max_list_bytes;
+        // max_list_bytes bounds the whole list, all pages together.
+        let so_far = self.pending.as_ref().map_or(0, |(pages, _)| pages.bytes());
+        let truncated = so_far.saturating_add(body_size) > cp.max_list_bytes;
         let body = if status == Some(200) && !truncated {
             abi::callout_body(body_size).unwrap_or_default()
         } else {

@@ -477,6 +477,30 @@ mod tests {
             FetchOutcome::Failed(why) => assert!(why.contains("same sha256"), "{why}"),
             other => panic!("{other:?}"),
         }
+        // A control plane that never stops naming a next page is cut off.
+        let endless = page(7, &[], Some("/v1/keys?again"));
+        let mut pending: Option<(KeyListPages, Option<String>)> = None;
+        let mut outcome = None;
+        for _ in 0..crate::policy::MAX_PAGES + 1 {
+            match classify(
+                Some(200),
+                None,
+                endless.as_bytes(),
+                false,
+                None,
+                pending.take(),
+            ) {
+                FetchOutcome::MorePages { pages, etag } => pending = Some((*pages, etag)),
+                other => {
+                    outcome = Some(other);
+                    break;
+                }
+            }
+        }
+        match outcome {
+            Some(FetchOutcome::Failed(why)) => assert!(why.contains("pages"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         let bad_next = page(7, &[("c", 'c')], Some("http://elsewhere/"));
         assert!(failed(classify(
             Some(200),

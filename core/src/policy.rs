@@ -782,12 +782,22 @@ pub struct KeyListPages {
     pub pages: u32,
     keys: KeyStoreBuilder,
     records: u32,
+    bytes: usize,
 }
+
+/// Most pages one list may have: a control plane that keeps naming a next
+/// page is cut off here (and by `max_list_bytes`, counted over all pages).
+pub const MAX_PAGES: u32 = 10_000;
 
 impl KeyListPages {
     /// Records received so far.
     pub fn records(&self) -> u32 {
         self.records
+    }
+
+    /// Bytes of all pages received so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Parses and compiles one page and adds it. The first page starts a
@@ -817,6 +827,12 @@ impl KeyListPages {
                 ),
             )]);
         }
+        if doc.next.is_some() && self.pages + 1 >= MAX_PAGES {
+            return Err(vec![err(
+                "next",
+                format!("the list goes on past {MAX_PAGES} pages"),
+            )]);
+        }
         if let Some(next) = &doc.next {
             if !next.starts_with('/')
                 || next.len() > 2048
@@ -835,6 +851,7 @@ impl KeyListPages {
         self.version = doc.version;
         self.next = doc.next;
         self.pages += 1;
+        self.bytes = self.bytes.saturating_add(bytes.len());
         Ok(())
     }
 

@@ -29,7 +29,8 @@ class FakeControlPlane:
     Modes: ok, http500, slow (answers after the filter's timeout), garbage,
     truncated (announces more body than it sends), wrong_schema, older
     (a version below the current one), reset (closes without answering),
-    oversized (a body over max_list_bytes)."""
+    oversized (a body over max_list_bytes), endless_pages (every page names
+    a next one)."""
 
     def __init__(self, port: int = 0):
         self.keys: list[dict] = []
@@ -79,6 +80,9 @@ class FakeControlPlane:
                     return self._send(200, b'{"version": 999, "entries": []}')
                 if mode == "older":
                     return self._send(200, json.dumps({"version": 0, "keys": []}).encode())
+                if mode == "endless_pages":
+                    page = {"version": cp.version, "keys": [], "next": f"/v1/keys?page={cp.hits + 1}"}
+                    return self._send(200, json.dumps(page).encode())
                 if mode == "oversized":
                     return self._send(200, b" " * 5000 + cp.body())
                 body = cp.body()
@@ -237,7 +241,7 @@ def test_updates_etag_and_every_fault_keep_the_last_good_list(start_envoy) -> No
         cp.set_keys(cp.keys + [harness.key_entry("added", added)])
         assert wait_status(envoy, added, 200, timeout=3)
         results = []
-        for mode in ["http500", "slow", "garbage", "truncated", "wrong_schema", "older", "reset", "oversized", "stopped"]:
+        for mode in ["http500", "slow", "garbage", "truncated", "wrong_schema", "older", "reset", "oversized", "endless_pages", "stopped"]:
             failed = envoy.counter("keygate.control_plane.fetch_failed")
             if mode == "stopped":
                 cp.stop()
