@@ -339,71 +339,57 @@ mod tests {
 
     #[test]
     fn classify_every_fault() {
+        // First-page responses: nothing pending.
+        let fetch = |status, etag, body: &[u8], truncated, current| {
+            classify(status, etag, body, truncated, current, None)
+        };
         let good = br#"{"version":5,"keys":[{"id":"a","sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#;
         assert!(matches!(
-            classify(Some(200), Some("\"e\""), good, false, Some(4), None),
+            fetch(Some(200), Some("\"e\""), good, false, Some(4)),
             FetchOutcome::Updated { .. }
         ));
         assert!(matches!(
-            classify(Some(200), None, good, false, Some(5), None),
+            fetch(Some(200), None, good, false, Some(5)),
             FetchOutcome::Updated { .. }
         ));
         assert!(matches!(
-            classify(Some(304), None, b"", false, Some(5), None),
+            fetch(Some(304), None, b"", false, Some(5)),
             FetchOutcome::NotModified
         ));
         let failed = |o: FetchOutcome| matches!(o, FetchOutcome::Failed(_));
-        assert!(failed(classify(None, None, b"", false, Some(5), None)));
-        assert!(failed(classify(Some(500), None, good, false, None, None)));
-        assert!(failed(classify(
+        assert!(failed(fetch(None, None, b"", false, Some(5))));
+        assert!(failed(fetch(Some(500), None, good, false, None)));
+        assert!(failed(fetch(
             Some(503),
             None,
             b"no healthy upstream",
             false,
-            None,
             None
         )));
-        assert!(failed(classify(
+        assert!(failed(fetch(
             Some(504),
             None,
             b"upstream request timeout",
             false,
-            None,
             None
         )));
-        assert!(failed(classify(
-            Some(200),
-            None,
-            b"garbage",
-            false,
-            None,
-            None
-        )));
-        assert!(failed(classify(
+        assert!(failed(fetch(Some(200), None, b"garbage", false, None)));
+        assert!(failed(fetch(
             Some(200),
             None,
             &good[..good.len() - 10],
             false,
-            None,
             None
         )));
-        assert!(failed(classify(
+        assert!(failed(fetch(
             Some(200),
             None,
             br#"{"version":1,"keyz":[]}"#,
             false,
-            None,
             None
         )));
-        assert!(failed(classify(Some(200), None, good, true, None, None)));
-        assert!(failed(classify(
-            Some(200),
-            None,
-            good,
-            false,
-            Some(6),
-            None
-        )));
+        assert!(failed(fetch(Some(200), None, good, true, None)));
+        assert!(failed(fetch(Some(200), None, good, false, Some(6))));
     }
 
     #[test]
