@@ -4,11 +4,12 @@ use std::cell::Cell;
 use std::net::IpAddr;
 use std::rc::Rc;
 
-use keygate_core::headers::{self, HeaderMap};
+use keygate_core::headers::HeaderMap;
 use keygate_core::keys::{BucketName, BUCKET_PREFIX};
 use keygate_core::policy::{parse_source_address, Allowed, Decision, Hold};
 use keygate_core::ratelimit::{ensure_bucket, CounterStore};
-use keygate_core::{reply, Denial, DenyCode, Host, Policy};
+use keygate_core::reply::{EncodedReply, ReplyBook};
+use keygate_core::{Denial, DenyCode, Host, Policy};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -35,6 +36,8 @@ pub struct KeygateRoot {
     /// The policy requests use: `base` merged with the control-plane list.
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
+    /// Every local reply of the configuration, encoded once.
+    replies: Option<Rc<ReplyBook>>,
     poller: Option<Poller>,
     poll_metrics: PollMetrics,
     /// The control-plane list is older than `max_staleness`.
@@ -112,6 +115,9 @@ impl RootContext for KeygateRoot {
             ),
         );
         let base = Rc::new(policy);
+        // The challenge depends on the configured sources and realm only, which
+        // a control-plane list never changes.
+        self.replies = Some(Rc::new(ReplyBook::new(|b| base.challenge_for(b))));
         self.base = Some(base.clone());
         self.policy = Some(base.clone());
         if let Some(cp) = base.control_plane() {
@@ -143,6 +149,7 @@ impl RootContext for KeygateRoot {
         Some(Box::new(KeygateRequest {
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
+            replies: self.replies.clone(),
             hold: None,
             stale: self.stale.get(),
         }))
@@ -181,6 +188,7 @@ impl Host for RequestHost {
 pub struct KeygateRequest {
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
+    replies: Option<Rc<ReplyBook>>,
     /// Set while the request waits for its body.
     hold: Option<Hold>,
     /// The control-plane list was stale when the request started.
@@ -193,34 +201,34 @@ impl HttpContext for KeygateRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
             // Unreachable in practice: Envoy never runs a plugin whose on_configure failed.
-            return self.deny(
-                None,
-                &Denial::new(DenyCode::KeyListUnavailable, "no configuration loaded"),
-            );
+            return self.deny(&Denial::new(
+                DenyCode::KeyListUnavailable,
+                "no configuration loaded",
+            ));
         };
         let raw = match abi::request_header_pairs() {
             Ok(raw) => raw,
             Err(_) => {
-                return self.deny(
-                    Some(&policy),
-                    &Denial::new(DenyCode::MalformedApiKey, "header map unreadable"),
-                )
+                return self.deny(&Denial::new(
+                    DenyCode::MalformedApiKey,
+                    "header map unreadable",
+                ))
             }
         };
         let Some(map) = HeaderMap::decode(&raw) else {
-            return self.deny(
-                Some(&policy),
-                &Denial::new(DenyCode::MalformedApiKey, "header map undecodable"),
-            );
+            return self.deny(&Denial::new(
+                DenyCode::MalformedApiKey,
+                "header map undecodable",
+            ));
         };
         match policy.decide(&map, &RequestHost { stale: self.stale }) {
             Decision::Allow(allowed) => {
                 if !apply_edits(&policy, &map, &allowed) {
                     // Forwarding without a trustworthy identity is worse than refusing.
-                    return self.deny(
-                        Some(&policy),
-                        &Denial::new(DenyCode::InvalidApiKey, "identity header not set"),
-                    );
+                    return self.deny(&Denial::new(
+                        DenyCode::InvalidApiKey,
+                        "identity header not set",
+                    ));
                 }
                 match allowed.body_check {
                     None => self.allow(),
@@ -243,7 +251,7 @@ impl HttpContext for KeygateRequest {
                         ),
                     );
                 }
-                self.deny(Some(&policy), &denial)
+                self.deny(&denial)
             }
         }
     }
@@ -311,32 +319,26 @@ impl KeygateRequest {
                         &format!("denied {} ({})", denial.code.as_str(), denial.reason),
                     );
                 }
-                self.deny(Some(policy), &denial)
+                self.deny(&denial)
             }
         }
     }
 
     /// Sends the local reply for `denial`; nothing reaches the backend.
-    fn deny(&self, policy: Option<&Policy>, denial: &Denial) -> Action {
+    fn deny(&self, denial: &Denial) -> Action {
         self.metrics.denied(denial.code);
         let state = format!("{} ({})", denial.code.as_str(), denial.reason);
         let _ = abi::set_filter_state(FILTER_STATE_DENIAL, state.as_bytes());
-        let challenge = policy.map_or_else(
-            || "Bearer realm=\"keygate\"".to_string(),
-            |p| p.challenge(denial),
-        );
-        let r = reply::render(denial, &challenge);
-        let pairs: Vec<(&[u8], &[u8])> = r
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
-            .collect();
-        let details = format!("keygate_{}", denial.code.as_str());
+        let reply = match &self.replies {
+            Some(book) => book.reply(denial),
+            // Only without a configuration, which Envoy never runs.
+            None => Rc::new(EncodedReply::of(denial, "Bearer realm=\"keygate\"")),
+        };
         if abi::send_local_response(
-            u32::from(r.status),
-            &details,
-            r.body.as_bytes(),
-            &headers::encode(&pairs),
+            u32::from(reply.status),
+            &reply.details,
+            reply.body.as_bytes(),
+            &reply.headers,
         )
         .is_err()
         {

@@ -319,7 +319,12 @@ impl Policy {
     /// The challenge for `denial`: `Bearer` when the credential sources that
     /// applied accept Bearer, `ApiKey` otherwise.
     pub fn challenge(&self, denial: &Denial) -> String {
-        match denial.bearer {
+        self.challenge_for(denial.bearer)
+    }
+
+    /// The challenge for a denial whose `bearer` is `bearer` (see [`Denial::bearer`]).
+    pub fn challenge_for(&self, bearer: Option<bool>) -> String {
+        match bearer {
             None => self.www_authenticate.clone(),
             Some(true) => format!("Bearer realm=\"{}\"", self.realm),
             Some(false) => format!("ApiKey realm=\"{}\"", self.realm),

@@ -1,6 +1,13 @@
 //! Local replies: status, headers and JSON body for each denial.
+//!
+//! [`render`] builds one reply; [`ReplyBook`] holds every reply a policy can
+//! send, encoded once per configuration, so that a denial costs no formatting.
 
-use crate::denial::{Denial, DenyCode};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use crate::denial::{Denial, DenyCode, RateInfo};
+use crate::headers;
 
 /// A reply the filter sends instead of forwarding the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +69,104 @@ pub fn body(code: DenyCode) -> String {
     )
 }
 
+/// A reply in the form the host takes: the header map already serialized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Envoy's response code details (`%RESPONSE_CODE_DETAILS%`): `keygate_<code>`.
+    pub details: String,
+    /// JSON body.
+    pub body: String,
+    /// Response headers in the proxy-wasm serialization.
+    pub headers: Vec<u8>,
+}
+
+impl EncodedReply {
+    /// Renders and encodes `denial`.
+    pub fn of(denial: &Denial, www_authenticate: &str) -> Self {
+        let r = render(denial, www_authenticate);
+        let pairs: Vec<(&[u8], &[u8])> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+            .collect();
+        EncodedReply {
+            status: r.status,
+            details: format!("keygate_{}", denial.code.as_str()),
+            body: r.body,
+            headers: headers::encode(&pairs),
+        }
+    }
+}
+
+/// The three challenge variants a denial can carry (see [`Denial::bearer`]).
+const CHALLENGES: [Option<bool>; 3] = [None, Some(true), Some(false)];
+
+/// Every reply of one configuration, encoded at configuration time.
+///
+/// Replies without rate figures are fixed per code and challenge. A 429
+/// carries the bucket's figures, which repeat while one key is over its
+/// limit, so the last one is kept and reused while they stay the same.
+/// Single-threaded by design: one book per Wasm VM.
+#[derive(Debug)]
+pub struct ReplyBook {
+    fixed: Vec<Rc<EncodedReply>>,
+    last_rate: RefCell<Option<(DenyCode, RateInfo, Rc<EncodedReply>)>>,
+}
+
+impl ReplyBook {
+    /// Encodes every code with each challenge `challenge(bearer)` gives.
+    pub fn new(challenge: impl Fn(Option<bool>) -> String) -> Self {
+        let mut fixed = Vec::with_capacity(DenyCode::ALL.len() * CHALLENGES.len());
+        for bearer in CHALLENGES {
+            let www_authenticate = challenge(bearer);
+            for code in DenyCode::ALL {
+                let denial = Denial {
+                    bearer,
+                    ..Denial::new(code, "")
+                };
+                fixed.push(Rc::new(EncodedReply::of(&denial, &www_authenticate)));
+            }
+        }
+        ReplyBook {
+            fixed,
+            last_rate: RefCell::new(None),
+        }
+    }
+
+    /// The reply for `denial`: shared when it is fixed, rendered (and kept)
+    /// when it carries rate figures not seen last time.
+    pub fn reply(&self, denial: &Denial) -> Rc<EncodedReply> {
+        let variant = CHALLENGES
+            .iter()
+            .position(|b| *b == denial.bearer)
+            .unwrap_or(0);
+        let code = DenyCode::ALL
+            .iter()
+            .position(|c| *c == denial.code)
+            .unwrap_or(0);
+        let index = variant * DenyCode::ALL.len() + code;
+        let Some(rate) = denial.rate else {
+            return match self.fixed.get(index) {
+                Some(fixed) => fixed.clone(),
+                // Unreachable: every code and variant is encoded in `new`.
+                None => Rc::new(EncodedReply::of(denial, "")),
+            };
+        };
+        let mut last = self.last_rate.borrow_mut();
+        if let Some((code, seen, reply)) = last.as_ref() {
+            if *code == denial.code && *seen == rate {
+                return reply.clone();
+            }
+        }
+        // Rate replies carry no challenge, so any variant's text will do.
+        let reply = Rc::new(EncodedReply::of(denial, ""));
+        *last = Some((denial.code, rate, reply.clone()));
+        reply
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +216,60 @@ mod tests {
             "Bearer realm=\"k\", error=\"invalid_token\"".into()
         )));
         assert!(!r.headers.iter().any(|(k, _)| *k == "retry-after"));
+    }
+
+    fn challenge(bearer: Option<bool>) -> String {
+        match bearer {
+            None => "Bearer realm=\"k\"".into(),
+            Some(true) => "Bearer realm=\"b\"".into(),
+            Some(false) => "ApiKey realm=\"a\"".into(),
+        }
+    }
+
+    #[test]
+    fn the_book_gives_what_render_gives_for_every_code_and_challenge() {
+        let book = ReplyBook::new(challenge);
+        for bearer in CHALLENGES {
+            for code in DenyCode::ALL {
+                let denial = Denial {
+                    bearer,
+                    ..Denial::new(code, "some reason")
+                };
+                let want = EncodedReply::of(&denial, &challenge(bearer));
+                assert_eq!(*book.reply(&denial), want, "{code:?} {bearer:?}");
+                let map = headers::HeaderMap::decode(&want.headers).unwrap();
+                assert_eq!(map.get(b"content-type"), Some(&b"application/json"[..]));
+            }
+        }
+    }
+
+    #[test]
+    fn rate_replies_follow_the_figures_and_reuse_the_last() {
+        let book = ReplyBook::new(challenge);
+        let limited = |remaining, retry_after_secs| Denial {
+            rate: Some(RateInfo {
+                burst: 5,
+                window_secs: 10,
+                remaining,
+                retry_after_secs,
+            }),
+            ..Denial::new(DenyCode::RateLimited, "bucket empty")
+        };
+        let first = book.reply(&limited(0, 2));
+        let again = book.reply(&limited(0, 2));
+        assert!(Rc::ptr_eq(&first, &again));
+        let later = book.reply(&limited(0, 1));
+        assert_eq!(*later, EncodedReply::of(&limited(0, 1), ""));
+        let map = headers::HeaderMap::decode(&later.headers).unwrap();
+        assert_eq!(map.get(b"retry-after"), Some(&b"1"[..]));
+        assert_eq!(map.get(b"ratelimit"), Some(&b"\"default\";r=0;t=1"[..]));
+        assert_eq!(
+            map.get(b"ratelimit-policy"),
+            Some(&b"\"default\";q=5;w=10"[..])
+        );
+        // The fixed replies are untouched by rate replies.
+        let missing = book.reply(&Denial::new(DenyCode::MissingApiKey, "x"));
+        assert_eq!(missing.status, 401);
+        assert_eq!(missing.details, "keygate_missing_api_key");
     }
 }

@@ -686,6 +686,42 @@ def test_h2_rate_limited_shares_bucket_with_h1(envoy_fn, backend, h2client):
     assert_vm_healthy(envoy)
 
 
+def test_429_headers_follow_each_bucket_as_time_passes(envoy_fn, backend):
+    """429 replies are encoded once and reused while a bucket's figures stay the
+    same: they must still change with the clock and differ between keys."""
+    slow, other = new_key(), new_key()
+    envoy = envoy_fn(
+        {
+            "keys": [
+                key_entry("slow", slow, {"requests_per_second": 0.1, "burst": 1}),
+                key_entry("other", other, {"requests_per_second": 0.05, "burst": 2}),
+            ]
+        }
+    )
+    assert envoy.request("GET", unique_path(), [xkey(slow)]).status == 200
+    first = envoy.request("GET", unique_path(), [xkey(slow)])
+    again = envoy.request("GET", unique_path(), [xkey(slow)])
+    for r in (first, again):
+        assert r.status == 429, r
+        assert r.header("ratelimit-policy") == '"default";q=1;w=10', r
+    assert int(first.header("retry-after")) == 10, first
+
+    for _ in range(2):
+        assert envoy.request("GET", unique_path(), [xkey(other)]).status == 200
+    r = envoy.request("GET", unique_path(), [xkey(other)])
+    assert r.status == 429, r
+    assert r.header("ratelimit-policy") == '"default";q=2;w=40', r
+    assert int(r.header("retry-after")) == 20, r
+
+    time.sleep(1.2)
+    p = unique_path()
+    later = envoy.request("GET", p, [xkey(slow)])
+    assert_denied(later, "rate_limited", backend=backend, path=p, secrets_=(slow,))
+    assert int(later.header("retry-after")) == 9, later
+    assert later.header("ratelimit") == '"default";r=0;t=9', later
+    assert_vm_healthy(envoy)
+
+
 def test_zz_gate_vm_never_crashed(gate, variant, header_only):
     """Runs last in this module: after everything above, no VM panicked or reloaded."""
     for envoy in (gate, variant, header_only):
