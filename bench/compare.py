@@ -2,6 +2,12 @@
 401 and 429 paths, for two or more `.wasm` files under one configuration.
 
     .venv/bin/python bench/compare.py A.wasm B.wasm [--rounds 7] [--duration 2]
+    .venv/bin/python bench/compare.py K.wasm K.wasm:no-limit K.wasm:no-strip
+
+A build may name a configuration variant after a colon: `no-limit` (no rate
+limits, so no clock, bucket get or CAS set; no 429 path), `no-strip`
+(`strip_credentials: false`) or `no-limit-no-strip`; the default is the
+`keygate-10` configuration of bench.py.
 
 Each build runs in its own Envoy (`--concurrency 1`, pinned like bench.py), all
 started before measuring; rounds interleave the builds with the order rotated,
@@ -14,6 +20,7 @@ It reports figures only and never judges them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -32,9 +39,37 @@ def default_envoy() -> Path | None:
     return found[0] if found else None
 
 
+VARIANTS = ("default", "no-limit", "no-strip", "no-limit-no-strip")
+
+
+def split_build(arg: str) -> tuple[Path, str]:
+    """`path.wasm[:variant]`."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and tail in VARIANTS:
+        return Path(head), tail
+    return Path(arg), "default"
+
+
+def variant_config(variant: str, allowed: str, limited: str) -> str:
+    """The 10-key configuration of bench.py, changed as `variant` says."""
+    limit = {"requests_per_second": 0.001, "burst": 1}
+    keys = [
+        {"id": "bench-allowed", "sha256": b.sha256_hex(allowed)},
+        {"id": "bench-limited", "sha256": b.sha256_hex(limited)},
+    ]
+    if "no-limit" not in variant:
+        keys[1]["rate_limit"] = limit
+    config = json.loads(b.keygate_config(b.key_list(10, keys)))
+    if "no-limit" in variant:
+        config.pop("rate_limit", None)
+    if "no-strip" in variant:
+        config["strip_credentials"] = False
+    return json.dumps(config, separators=(",", ":"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("wasm", nargs="+", type=Path, help="two or more keygate .wasm builds")
+    ap.add_argument("wasm", nargs="+", help="two or more keygate builds: path.wasm[:variant]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--duration", type=int, default=2, help="seconds per sample")
     ap.add_argument("--envoy", type=Path, default=None, help="Envoy binary (default: the project venv's)")
@@ -44,26 +79,31 @@ def main() -> int:
     envoy_bin = args.envoy or default_envoy()
     if envoy_bin is None:
         ap.error("no Envoy: run scripts/bench.sh once (it creates .venv), or pass --envoy")
-    builds = {f"{i}:{w.name}": w.resolve() for i, w in enumerate(args.wasm)}
     allowed, limited = b.new_key(), b.new_key()
-    keys = [
-        {"id": "bench-allowed", "sha256": b.sha256_hex(allowed)},
-        {"id": "bench-limited", "sha256": b.sha256_hex(limited), "rate_limit": {"requests_per_second": 0.001, "burst": 1}},
-    ]
-    config = b.keygate_config(b.key_list(10, keys))
+    builds: dict[str, tuple[Path, str]] = {}
+    for i, arg in enumerate(args.wasm):
+        wasm, variant = split_build(arg)
+        if not wasm.is_file():
+            ap.error(f"no such file: {wasm}")
+        builds[f"{i}:{wasm.name}" + ("" if variant == "default" else f":{variant}")] = (wasm.resolve(), variant)
     paths = {"allowed": allowed, "401": None, "429": limited}
     expected = {"allowed": 200, "401": 401, "429": 429}
+
+    def measured(variant: str) -> list[str]:
+        return [p for p in paths if not (p == "429" and "no-limit" in variant)]
+
     samples: dict[tuple[str, str], list[float]] = {(n, p): [] for n in builds for p in paths}
     envoys: dict[str, b.Envoy] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for n, wasm in builds.items():
+            for n, (wasm, variant) in builds.items():
+                config = variant_config(variant, allowed, limited)
                 e = b.new_envoy(f"build{len(envoys)}", [b.wasm_filter("keygate", "keygate", wasm, config)], Path(tmp), envoy_bin, None)
                 e.start()
                 envoys[n] = e
                 b.http_status(e.port, "/direct", limited)  # spends the limited key's only token
-                for p, key in paths.items():
-                    got = b.http_status(e.port, "/direct", key)
+                for p in measured(variant):
+                    got = b.http_status(e.port, "/direct", paths[p])
                     if got != expected[p]:
                         print(f"{n}: {p} path answered {got}, expected {expected[p]}", file=sys.stderr)
                         return 2
@@ -71,7 +111,8 @@ def main() -> int:
             for r in range(args.rounds):
                 for n in names[r % len(names):] + names[: r % len(names)]:
                     e = envoys[n]
-                    for p, key in paths.items():
+                    for p in measured(builds[n][1]):
+                        key = paths[p]
                         cmd = ["taskset", "-c", b.LOADGEN_CORE, "wrk", "-t1", "-c32"]
                         cmd += ["-H", f"x-api-key: {key}"] if key else []
                         url = f"http://127.0.0.1:{e.port}/direct"
@@ -88,10 +129,18 @@ def main() -> int:
                 e.stop()
     med = {k: statistics.median(v) if v else float("nan") for k, v in samples.items()}
     first = next(iter(builds))
+
+    def cell(n: str, p: str) -> str:
+        if not samples[(n, p)]:
+            return f"{'-':>18s}"
+        if not samples[(first, p)]:
+            return f"{med[(n, p)]:9.1f}{'':9s}"
+        return f"{med[(n, p)]:9.1f} ({med[(n, p)] - med[(first, p)]:+6.1f})"
+
     print(f"Envoy CPU us/request, median of {args.rounds} rounds x {args.duration}s (difference from {first})")
     print(f"{'build':32s}" + "".join(f"{p:>18s}" for p in paths))
     for n in builds:
-        cells = "".join(f"{med[(n, p)]:9.1f} ({med[(n, p)] - med[(first, p)]:+6.1f})" for p in paths)
+        cells = "".join(cell(n, p) for p in paths)
         print(f"{n:32s}{cells}")
     return 0
 
