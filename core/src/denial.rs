@@ -37,7 +37,8 @@ pub enum DenyCode {
 }
 
 impl DenyCode {
-    /// Every code, in README order.
+    /// Every code, in README order, which is also declaration order
+    /// (`code as usize` indexes this array).
     pub const ALL: [DenyCode; 15] = [
         DenyCode::MissingApiKey,
         DenyCode::MalformedApiKey,
@@ -163,6 +164,18 @@ impl Denial {
             reason,
             rate: None,
             bearer: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_code_in_declaration_order() {
+        for (i, code) in DenyCode::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i, "{code:?}");
         }
     }
 }

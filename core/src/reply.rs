@@ -138,15 +138,13 @@ impl ReplyBook {
     /// The reply for `denial`: shared when it is fixed, rendered (and kept)
     /// when it carries rate figures not seen last time.
     pub fn reply(&self, denial: &Denial) -> Rc<EncodedReply> {
-        let variant = CHALLENGES
-            .iter()
-            .position(|b| *b == denial.bearer)
-            .unwrap_or(0);
-        let code = DenyCode::ALL
-            .iter()
-            .position(|c| *c == denial.code)
-            .unwrap_or(0);
-        let index = variant * DenyCode::ALL.len() + code;
+        // The order of `CHALLENGES` and of `DenyCode::ALL` (declaration order).
+        let variant = match denial.bearer {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        };
+        let index = variant * DenyCode::ALL.len() + denial.code as usize;
         let Some(rate) = denial.rate else {
             return match self.fixed.get(index) {
                 Some(fixed) => fixed.clone(),
