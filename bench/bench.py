@@ -537,7 +537,7 @@ class Settings:
 
 
 class Bench:
-    def __init__(self, s: Settings, envoys: dict[str, Envoy], upstream: Envoy, keys: dict[str, Optional[str]], wrk: str, h2load: str):
+    def __init__(self, s: Settings, envoys: dict[str, Envoy], upstream: Optional[Envoy], keys: dict[str, Optional[str]], wrk: str, h2load: str):
         self.s = s
         self.envoys = envoys
         self.upstream = upstream
@@ -549,7 +549,7 @@ class Bench:
         self.extra_headers: list[tuple[str, str]] = []
 
     def our_ticks(self) -> int:
-        pids = [e.pid for e in self.envoys.values()] + [self.upstream.pid]
+        pids = [e.pid for e in self.envoys.values()] + ([self.upstream.pid] if self.upstream else [])
         return sum(proc_cpu_ticks(p) for p in pids)
 
     def _headers(self, path: str) -> list[str]:

@@ -10,10 +10,11 @@ limits, so no clock, bucket get or CAS set; no 429 path), `no-strip`
 `keygate-10` configuration of bench.py.
 
 Each build runs in its own Envoy (`--concurrency 1`, pinned like bench.py), all
-started before measuring; rounds interleave the builds with the order rotated,
-and each sample follows a one-second warm-up. Prints the median Envoy CPU µs
-per request for each build and path, and each build's difference from the
-first one. Differences below about 5 µs are inside this machine's noise.
+started before measuring. The measuring is bench.py's own (`Bench`): rounds
+interleave the builds with the order rotated, each sample follows a one-second
+warm-up, and a sample taken while other processes kept the machine busy is
+dropped and retried once. Prints the median Envoy CPU µs per request for each
+build and path, and each build's difference from the first one. Differences below about 5 µs are inside this machine's noise.
 It reports figures only and never judges them.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -72,6 +72,7 @@ def main() -> int:
     ap.add_argument("wasm", nargs="+", help="two or more keygate builds: path.wasm[:variant]")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--duration", type=int, default=2, help="seconds per sample")
+    ap.add_argument("--busy-threshold", type=float, default=20.0, help="drop samples while others use more than this %% of a core")
     ap.add_argument("--envoy", type=Path, default=None, help="Envoy binary (default: the project venv's)")
     args = ap.parse_args()
     if len(args.wasm) < 2:
@@ -92,7 +93,18 @@ def main() -> int:
     def measured(variant: str) -> list[str]:
         return [p for p in paths if not (p == "429" and "no-limit" in variant)]
 
-    samples: dict[tuple[str, str], list[float]] = {(n, p): [] for n in builds for p in paths}
+    settings = b.Settings(
+        quick=False,
+        rounds=args.rounds,
+        duration_s=args.duration,
+        c1_duration_s=args.duration,
+        warmup="1000ms",
+        connections=32,
+        h2_connections=8,
+        h2_streams=16,
+        busy_threshold_pct=args.busy_threshold,
+        retries=1,
+    )
     envoys: dict[str, b.Envoy] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -107,37 +119,23 @@ def main() -> int:
                     if got != expected[p]:
                         print(f"{n}: {p} path answered {got}, expected {expected[p]}", file=sys.stderr)
                         return 2
-            names = list(builds)
-            for r in range(args.rounds):
-                for n in names[r % len(names):] + names[: r % len(names)]:
-                    e = envoys[n]
-                    for p in measured(builds[n][1]):
-                        key = paths[p]
-                        cmd = ["taskset", "-c", b.LOADGEN_CORE, "wrk", "-t1", "-c32"]
-                        cmd += ["-H", f"x-api-key: {key}"] if key else []
-                        url = f"http://127.0.0.1:{e.port}/direct"
-                        b.run_measured(cmd + ["-d1s", url], timeout=30)
-                        t0 = b.proc_cpu_ticks(e.pid)
-                        out, _, _ = b.run_measured(cmd + [f"-d{args.duration}s", url], timeout=args.duration + 30)
-                        t1 = b.proc_cpu_ticks(e.pid)
-                        requests = b.parse_wrk(out).get("requests") or 0
-                        if requests:
-                            samples[(n, p)].append((t1 - t0) / os.sysconf("SC_CLK_TCK") * 1e6 / requests)
-                print(f"  round {r + 1}/{args.rounds} done", flush=True)
+            bench = b.Bench(settings, envoys, None, paths, "wrk", "h2load")
+            bench.run([b.Cell(n, "direct", p, "h1") for n in builds for p in measured(builds[n][1])])
         finally:
             for e in envoys.values():
                 e.stop()
-    med = {k: statistics.median(v) if v else float("nan") for k, v in samples.items()}
+    summary = {(c.config, c.path): row for c, row in b.summarize(bench.samples).items()}
+    med = {k: row["us_per_req"] for k, row in summary.items()}
     first = next(iter(builds))
 
     def cell(n: str, p: str) -> str:
-        if not samples[(n, p)]:
+        if med.get((n, p)) is None:
             return f"{'-':>18s}"
-        if not samples[(first, p)]:
+        if med.get((first, p)) is None:
             return f"{med[(n, p)]:9.1f}{'':9s}"
         return f"{med[(n, p)]:9.1f} ({med[(n, p)] - med[(first, p)]:+6.1f})"
 
-    print(f"Envoy CPU us/request, median of {args.rounds} rounds x {args.duration}s (difference from {first})")
+    print(f"Envoy CPU us/request, median of {args.rounds} rounds x {args.duration}s, {bench.dropped} busy sample(s) dropped (difference from {first})")
     print(f"{'build':32s}" + "".join(f"{p:>18s}" for p in paths))
     for n in builds:
         cells = "".join(cell(n, p) for p in paths)
