@@ -786,7 +786,6 @@ pub struct KeyListPages {
     /// Pages received.
     pub pages: u32,
     keys: KeyStoreBuilder,
-    records: u32,
     bytes: usize,
 }
 
@@ -795,11 +794,6 @@ pub struct KeyListPages {
 pub const MAX_PAGES: u32 = 10_000;
 
 impl KeyListPages {
-    /// Records received so far.
-    pub fn records(&self) -> u32 {
-        self.records
-    }
-
     /// Bytes of all pages received so far.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -849,10 +843,9 @@ impl KeyListPages {
                 ))]);
             }
         }
-        self.keys.append(&doc.keys.keys, self.records);
-        self.records = self
-            .records
-            .saturating_add(u32::try_from(doc.keys.len()).unwrap_or(u32::MAX));
+        // Source positions continue across pages, so duplicates name both records.
+        let offset = u32::try_from(self.keys.len()).unwrap_or(u32::MAX);
+        self.keys.append(&doc.keys.keys, offset);
         self.version = doc.version;
         self.next = doc.next;
         self.pages += 1;
