@@ -102,6 +102,7 @@ extern "C" {
         size: *mut usize,
     ) -> u32;
     fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -303,6 +304,12 @@ pub fn increment(id: u32, by: i64) {
 pub fn set_filter_state(name: &str, value: &[u8]) -> Result<(), Status> {
     // SAFETY: pointers and lengths describe live slices.
     status(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+/// Asks for `on_tick` every `ms` milliseconds on this root context.
+pub fn set_tick_period_ms(ms: u32) -> Result<(), Status> {
+    // SAFETY: a plain value.
+    status(unsafe { proxy_set_tick_period_milliseconds(ms) })
 }
 
 /// Monotonic nanoseconds from the host (WASI monotonic clock), the same

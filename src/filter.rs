@@ -9,6 +9,7 @@ use keygate_core::keys::{BucketName, BUCKET_PREFIX};
 use keygate_core::policy::{parse_source_address, Allowed, Decision, Hold};
 use keygate_core::ratelimit::{ensure_bucket, CounterStore};
 use keygate_core::reply::{EncodedReply, ReplyBook};
+use keygate_core::tally::Tally;
 use keygate_core::{Denial, DenyCode, Host, Policy};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -16,7 +17,7 @@ use proxy_wasm::types::{Action, ContextType};
 use crate::abi::{self, Level};
 use crate::config_cache;
 use crate::control::{PollMetrics, Poller, TickAction};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, FLUSH_PERIOD_MS};
 use crate::shared::SharedCounters;
 
 /// Name of the filter-state value carrying the denial, for access logs
@@ -36,6 +37,8 @@ pub struct KeygateRoot {
     /// The policy requests use: `base` merged with the control-plane list.
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
+    /// Request outcomes not yet handed to Envoy, kept across reloads.
+    tally: Rc<Tally>,
     /// Every local reply of the configuration, encoded once.
     replies: Option<Rc<ReplyBook>>,
     poller: Option<Poller>,
@@ -53,6 +56,12 @@ impl KeygateRoot {
 }
 
 impl Context for KeygateRoot {
+    fn on_done(&mut self) -> bool {
+        // The VM or the plugin is going away: hand over what was counted.
+        self.metrics.flush();
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token: u32,
@@ -101,7 +110,8 @@ impl RootContext for KeygateRoot {
             }
         }
         // Defining a metric again returns the same id, so a reload is harmless.
-        self.metrics = Rc::new(Metrics::define());
+        self.metrics.flush();
+        self.metrics = Rc::new(Metrics::define(self.tally.clone()));
         abi::log(
             Level::Info,
             &format!(
@@ -120,20 +130,31 @@ impl RootContext for KeygateRoot {
         self.replies = Some(Rc::new(ReplyBook::new(|b| base.challenge_for(b))));
         self.base = Some(base.clone());
         self.policy = Some(base.clone());
-        if let Some(cp) = base.control_plane() {
+        if base.control_plane().is_some() {
             self.poll_metrics = PollMetrics::define();
             let mut poller = self.poller.take().unwrap_or_else(Poller::new);
             let action = poller.sync(&base, &self.poll_metrics);
             self.switch(action);
             self.poller = Some(poller);
-            self.set_tick_period(Poller::tick_period(cp));
         } else {
             self.poller = None;
+        }
+        // Ticks flush the counters and, with a control plane, drive the poller
+        // (whose period is at most the flush period).
+        let tick_ms = base.control_plane().map_or(FLUSH_PERIOD_MS, |cp| {
+            u32::try_from(Poller::tick_period(cp).as_millis()).unwrap_or(FLUSH_PERIOD_MS)
+        });
+        if abi::set_tick_period_ms(tick_ms).is_err() {
+            abi::log(
+                Level::Error,
+                "cannot set the tick period: counters and polling stop",
+            );
         }
         true
     }
 
     fn on_tick(&mut self) {
+        self.metrics.flush();
         let (Some(base), Some(mut poller)) = (self.base.clone(), self.poller.take()) else {
             return;
         };

@@ -1,43 +1,63 @@
 //! Envoy stats keygate publishes (shown as `wasmcustom.keygate.*`).
+//!
+//! Requests only count into a [`Tally`] inside the VM; [`Metrics::flush`]
+//! hands the sums to Envoy once per tick, so no request pays a metric host
+//! call. A counter lags the traffic by at most one tick (one second).
 
+use std::rc::Rc;
+
+use keygate_core::tally::{Outcome, Tally};
 use keygate_core::DenyCode;
 
 use crate::abi;
 
-/// Counter ids, defined once per VM at configure time.
+/// How often a VM without a control plane hands its counts to Envoy.
+pub const FLUSH_PERIOD_MS: u32 = 1_000;
+
+/// Counter ids, defined once per VM at configure time, and the counts not
+/// yet handed to Envoy.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    allowed: Option<u32>,
-    denied: Vec<(DenyCode, u32)>,
+    /// Envoy's counter id for each outcome, in [`Outcome::all`] order.
+    ids: Vec<Option<u32>>,
+    /// Shared by every configuration of this root, so counts made by a
+    /// request that outlives a reload are still flushed.
+    tally: Rc<Tally>,
 }
 
 impl Metrics {
-    /// Defines every counter. A host that refuses a definition just loses that counter.
-    pub fn define() -> Self {
-        Metrics {
-            allowed: abi::define_counter("keygate.allowed").ok(),
-            denied: DenyCode::ALL
-                .iter()
-                .filter_map(|c| {
-                    abi::define_counter(&format!("keygate.denied.{}", c.as_str()))
-                        .ok()
-                        .map(|id| (*c, id))
-                })
-                .collect(),
-        }
+    /// Defines every counter, counting into `tally`. A host that refuses a
+    /// definition just loses that counter.
+    pub fn define(tally: Rc<Tally>) -> Self {
+        let ids = Outcome::all()
+            .map(|o| match o {
+                Outcome::Allowed => abi::define_counter("keygate.allowed").ok(),
+                Outcome::Denied(code) => {
+                    abi::define_counter(&format!("keygate.denied.{}", code.as_str())).ok()
+                }
+            })
+            .collect();
+        Metrics { ids, tally }
     }
 
     /// One more allowed request.
     pub fn allowed(&self) {
-        if let Some(id) = self.allowed {
-            abi::increment(id, 1);
-        }
+        self.tally.add(Outcome::Allowed);
     }
 
     /// One more denial with `code`.
     pub fn denied(&self, code: DenyCode) {
-        if let Some((_, id)) = self.denied.iter().find(|(c, _)| *c == code) {
-            abi::increment(*id, 1);
-        }
+        self.tally.add(Outcome::Denied(code));
+    }
+
+    /// Hands the counts made since the last flush to Envoy.
+    pub fn flush(&self) {
+        let mut slot = Outcome::all().zip(self.ids.iter());
+        self.tally.drain(|outcome, n| {
+            // Both sequences follow Outcome::all(), so the id is ahead in `slot`.
+            if let Some((_, Some(id))) = slot.find(|(o, _)| *o == outcome) {
+                abi::increment(*id, i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        });
     }
 }

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod reply;
 pub mod rules;
+pub mod tally;
 pub mod testing;
 
 pub use denial::{Denial, DenyCode};
