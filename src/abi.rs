@@ -6,6 +6,7 @@
 //! that worker. Here every call returns `Result<_, Status>` and bytes stay bytes.
 
 use std::ptr::null_mut;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A raw proxy-wasm status code (`0` is OK).
 pub type Status = u32;
@@ -134,12 +135,25 @@ pub fn log(level: Level, message: &str) {
     let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
 }
 
-/// True when the host would print a line at `level`.
-pub fn log_enabled(level: Level) -> bool {
+/// The host's log level as last read by [`refresh_log_level`]; 0 (trace)
+/// until then, so that nothing is hidden before the first read.
+static LOG_LEVEL: AtomicU32 = AtomicU32::new(0);
+
+/// Reads the host's log level into the cache [`log_enabled`] consults. The
+/// root calls it at configure time and on every tick, so a level changed
+/// through Envoy's admin `/logging` takes effect within a tick, and no
+/// request pays a host call to ask.
+pub fn refresh_log_level() {
     let mut current = 0u32;
     // SAFETY: `current` is a valid out-pointer.
     let s = unsafe { proxy_get_log_level(&mut current) };
-    s != OK || current <= level as u32
+    // A host that will not say gets every line.
+    LOG_LEVEL.store(if s == OK { current } else { 0 }, Ordering::Relaxed);
+}
+
+/// True when the host would print a line at `level` (as of the last refresh).
+pub fn log_enabled(level: Level) -> bool {
+    LOG_LEVEL.load(Ordering::Relaxed) <= level as u32
 }
 
 /// Up to `max` bytes of a host buffer, from offset `start`.

@@ -82,6 +82,7 @@ impl Context for KeygateRoot {
 
 impl RootContext for KeygateRoot {
     fn on_configure(&mut self, size: usize) -> bool {
+        abi::refresh_log_level();
         let started = abi::monotonic_ns().unwrap_or(0);
         let (policy, origin) = match config_cache::load(size) {
             Ok(p) => p,
@@ -139,8 +140,8 @@ impl RootContext for KeygateRoot {
         } else {
             self.poller = None;
         }
-        // Ticks flush the counters and, with a control plane, drive the poller
-        // (whose period is at most the flush period).
+        // Ticks flush the counters, re-read the log level and, with a control
+        // plane, drive the poller (whose period is at most the flush period).
         let tick_ms = base.control_plane().map_or(FLUSH_PERIOD_MS, |cp| {
             u32::try_from(Poller::tick_period(cp).as_millis()).unwrap_or(FLUSH_PERIOD_MS)
         });
@@ -155,6 +156,7 @@ impl RootContext for KeygateRoot {
 
     fn on_tick(&mut self) {
         self.metrics.flush();
+        abi::refresh_log_level();
         let (Some(base), Some(mut poller)) = (self.base.clone(), self.poller.take()) else {
             return;
         };

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import urllib.request
 from typing import Any, Optional
 
 import pytest
@@ -562,6 +563,26 @@ def test_key_never_in_envoy_log(envoy_fn):
     for secret in (ALPHA, UNKNOWN, limited):
         assert secret[: len(secret) // 2] not in log
         assert secret[len(secret) // 2 :] not in log
+
+
+def test_log_level_raised_at_runtime_takes_effect_within_a_tick(envoy_fn):
+    """keygate reads Envoy's log level once a tick instead of on every denial:
+    raising it through the admin /logging endpoint still shows the denial
+    lines within a second, and lines below the level before."""
+    envoy = envoy_fn({"keys": [key_entry("logged", ALPHA)]})
+    before, after = new_key("kgbefore"), new_key("kgafter")
+    assert envoy.request("GET", unique_path(), [xkey(before)]).status == 401
+    req = urllib.request.Request(envoy.admin_url + "/logging?wasm=debug", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200
+    time.sleep(2.0)  # one tick on every worker, with margin
+    assert envoy.request("GET", unique_path(), [xkey(after)]).status == 401
+    envoy.stop()  # flush the log
+    denials = [line for line in envoy.log_text().splitlines() if "denied invalid_api_key" in line]
+    assert len(denials) == 1, denials
+    assert "kgaf" in denials[0], denials  # the masked form of the second key: its first 4 characters
+    for secret in (before, after):
+        assert secret not in envoy.log_text()
 
 
 # ---------------------------------------------------------------------------
