@@ -792,7 +792,9 @@ def startup_probes(
     kg100k: str,
 ) -> tuple[list[dict], list[dict]]:
     """Time to ready and RSS (0.3 s after ready) with 10, 100k and (full
-    mode) 1M keys in the plugin configuration, at --concurrency 1 and 2, next
+    mode) 1M keys in the plugin configuration (1M: the lowest RSS of three
+    starts),
+    at --concurrency 1 and 2, next
     to the same JSON given to Envoy without keygate: in listener metadata (no
     wasm at all) and as the configuration of the empty wasm filter (Envoy's
     whole wasm path, nothing parsed). Then the same lists through the control
@@ -804,9 +806,11 @@ def startup_probes(
     def add(keys: str, what: str, row: dict, cfg_bytes: int) -> None:
         row.update(keys=keys, what=what, plugin_config_bytes=cfg_bytes)
         probes.append(row)
+        samples = row.get("rss_kb_samples", [])
+        each = f"  lowest of {len(samples)} starts: " + ", ".join(f"{kb / 1024:.0f}" for kb in samples) + " MiB" if len(samples) > 1 else ""
         print(
             f"  {keys:6s} {what:22s} ready {row['ready_s']:6.2f}s  VmRSS {row['rss_kb'] / 1024:8.1f} MiB  "
-            f"(plugin config {cfg_bytes / 1e6:.1f} MB)",
+            f"(plugin config {cfg_bytes / 1e6:.1f} MB){each}",
             flush=True,
         )
 
@@ -818,6 +822,23 @@ def startup_probes(
             return probe_row(envoys[name])
         return startup_probe(f"probe-{name}", filters, workdir, envoy_bin, conc, meta=meta)
 
+    def started(name: str, filters: list[dict], conc: int, starts: int) -> dict:
+        """`row` over `starts` fresh starts: the lowest RSS, the median time to
+        ready, and every sample. With a 94 MB configuration, Envoy's RSS after
+        start holds one more copy of it in some starts and not in others, at c1
+        and at c2 alike, so a single start per concurrency (or a median of a
+        few) can pair a low c1 with a high c2; the lowest start of each is the
+        one without that copy."""
+        rows = [row(name, filters, conc) for _ in range(starts)]
+        out = dict(rows[0])
+        out.update(
+            rss_kb=min(r["rss_kb"] for r in rows),
+            ready_s=statistics.median(r["ready_s"] for r in rows),
+            rss_kb_samples=[r["rss_kb"] for r in rows],
+            ready_s_samples=[r["ready_s"] for r in rows],
+        )
+        return out
+
     add("0", "envoy, no filter", row("baseline", [], 1), 0)
     add("0", "empty wasm filter", row("empty-wasm", [wasm_filter("empty", "empty", empty_wasm, "")], 1), 0)
     lists = [("10", kg10), ("100k", kg100k)]
@@ -825,8 +846,9 @@ def startup_probes(
         lists.append(("1M", keygate_config(key_list(1_000_000, extra_keys))))
     for label, cfg in lists:
         name = {"10": "keygate-10", "100k": "keygate-100k"}.get(label, "")
-        add(label, "keygate c1", row(name or "kg-1m", kg(cfg), 1), len(cfg))
-        add(label, "keygate c2", row("keygate-10-c2" if label == "10" else "kg2", kg(cfg), 2), len(cfg))
+        starts = 3 if label == "1M" else 1
+        add(label, "keygate c1", started(name or "kg-1m", kg(cfg), 1, starts), len(cfg))
+        add(label, "keygate c2", started("keygate-10-c2" if label == "10" else "kg2", kg(cfg), 2, starts), len(cfg))
         add(label, "same JSON, no wasm", row("blob", [], 1, meta=blob_metadata(cfg)), len(cfg))
         if label != "10":
             add(label, "same JSON, empty wasm", row("empty-cfg", [wasm_filter("empty", "empty", empty_wasm, cfg)], 1), len(cfg))
