@@ -793,11 +793,10 @@ def startup_probes(
 ) -> tuple[list[dict], list[dict]]:
     """Time to ready and RSS (0.3 s after ready) with 10, 100k and (full
     mode) 1M keys in the plugin configuration (1M: the lowest RSS of three
-    starts),
-    at --concurrency 1 and 2, next
-    to the same JSON given to Envoy without keygate: in listener metadata (no
-    wasm at all) and as the configuration of the empty wasm filter (Envoy's
-    whole wasm path, nothing parsed). Then the same lists through the control
+    starts), at --concurrency 1 and 2, next to the same JSON given to Envoy
+    without keygate: in listener metadata (no wasm at all) and as the
+    configuration of the empty wasm filter (Envoy's whole wasm path, nothing
+    parsed). Then the same lists through the control
     plane. Envoys of the matrix that are still running are reused."""
     print("startup probes (time to ready, VmRSS) ...", flush=True)
     probes: list[dict] = []

@@ -18,7 +18,7 @@ pub const FLUSH_PERIOD_MS: u32 = 1_000;
 /// yet handed to Envoy.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    /// Envoy's counter id for each outcome, in [`Outcome::all`] order.
+    /// Envoy's counter id for each outcome, at [`Outcome::index`].
     ids: Vec<Option<u32>>,
     /// Shared by every configuration of this root, so counts made by a
     /// request that outlives a reload are still flushed.
@@ -52,10 +52,8 @@ impl Metrics {
 
     /// Hands the counts made since the last flush to Envoy.
     pub fn flush(&self) {
-        let mut slot = Outcome::all().zip(self.ids.iter());
         self.tally.drain(|outcome, n| {
-            // Both sequences follow Outcome::all(), so the id is ahead in `slot`.
-            if let Some((_, Some(id))) = slot.find(|(o, _)| *o == outcome) {
+            if let Some(Some(id)) = self.ids.get(outcome.index()) {
                 abi::increment(*id, i64::try_from(n).unwrap_or(i64::MAX));
             }
         });

@@ -18,12 +18,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Every outcome, in slot order: `Allowed`, then each code of [`DenyCode::ALL`].
+    /// Every outcome, in index order: `Allowed`, then each code of [`DenyCode::ALL`].
     pub fn all() -> impl Iterator<Item = Outcome> {
         std::iter::once(Outcome::Allowed).chain(DenyCode::ALL.iter().map(|c| Outcome::Denied(*c)))
     }
 
-    fn slot(self) -> usize {
+    /// Position in [`Outcome::all`]: 0 for `Allowed`, then 1 + the code's index.
+    pub fn index(self) -> usize {
         match self {
             Outcome::Allowed => 0,
             Outcome::Denied(code) => 1 + code as usize,
@@ -40,7 +41,7 @@ pub struct Tally {
 impl Tally {
     /// Counts one `outcome`.
     pub fn add(&self, outcome: Outcome) {
-        if let Some(c) = self.counts.get(outcome.slot()) {
+        if let Some(c) = self.counts.get(outcome.index()) {
             c.set(c.get().saturating_add(1));
         }
     }
@@ -76,7 +77,7 @@ mod tests {
         t.add(Outcome::Denied(DenyCode::MissingApiKey));
         t.add(Outcome::Denied(DenyCode::RateLimited));
         let mut got = drained(&t);
-        got.sort_by_key(|(o, _)| o.slot());
+        got.sort_by_key(|(o, _)| o.index());
         assert_eq!(
             got,
             vec![
