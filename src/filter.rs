@@ -9,7 +9,6 @@ use keygate_core::keys::{BucketName, BUCKET_PREFIX};
 use keygate_core::policy::{parse_source_address, Allowed, Decision, Hold};
 use keygate_core::ratelimit::{ensure_bucket, CounterStore};
 use keygate_core::reply::{EncodedReply, ReplyBook};
-use keygate_core::tally::Tally;
 use keygate_core::{Denial, DenyCode, Host, Policy};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -36,9 +35,8 @@ pub struct KeygateRoot {
     base: Option<Rc<Policy>>,
     /// The policy requests use: `base` merged with the control-plane list.
     policy: Option<Rc<Policy>>,
+    /// Counter ids and the tally of outcomes not yet handed to Envoy.
     metrics: Rc<Metrics>,
-    /// Request outcomes not yet handed to Envoy, kept across reloads.
-    tally: Rc<Tally>,
     /// Every local reply of the configuration, encoded once.
     replies: Option<Rc<ReplyBook>>,
     poller: Option<Poller>,
@@ -112,7 +110,7 @@ impl RootContext for KeygateRoot {
         }
         // Defining a metric again returns the same id, so a reload is harmless.
         self.metrics.flush();
-        self.metrics = Rc::new(Metrics::define(self.tally.clone()));
+        self.metrics = Rc::new(self.metrics.redefine());
         abi::log(
             Level::Info,
             &format!(

@@ -16,7 +16,7 @@ pub const FLUSH_PERIOD_MS: u32 = 1_000;
 
 /// Counter ids, defined once per VM at configure time, and the counts not
 /// yet handed to Envoy.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Metrics {
     /// Envoy's counter id for each outcome, at [`Outcome::index`].
     ids: Vec<Option<u32>>,
@@ -26,9 +26,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Defines every counter, counting into `tally`. A host that refuses a
+    /// Defines every counter (again, on a reload: the host hands back the same
+    /// ids), counting into this tally, so counts not yet flushed and those of
+    /// requests that outlive the reload are kept. A host that refuses a
     /// definition just loses that counter.
-    pub fn define(tally: Rc<Tally>) -> Self {
+    pub fn redefine(&self) -> Self {
         let ids = Outcome::all()
             .map(|o| match o {
                 Outcome::Allowed => abi::define_counter("keygate.allowed").ok(),
@@ -37,7 +39,10 @@ impl Metrics {
                 }
             })
             .collect();
-        Metrics { ids, tally }
+        Metrics {
+            ids,
+            tally: self.tally.clone(),
+        }
     }
 
     /// One more allowed request.
