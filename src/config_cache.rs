@@ -3,22 +3,43 @@
 //! Envoy gives every VM (the main thread's and one per worker) its own copy
 //! of the plugin configuration, and each would parse and index the whole key
 //! list again. Instead, the first VM to load a configuration publishes its
-//! compiled form in shared data, under the SHA-256 of the configuration: the
-//! key store's wire form and the rest of the configuration as JSON. Every
-//! other VM hashes its configuration in chunks (never holding it whole),
-//! finds the entry and adopts the key store as is.
+//! compiled form in shared data (the key store's wire form and the rest of
+//! the configuration as JSON) under the configuration's id. Every other VM
+//! computes the id of its configuration in chunks (never holding it whole),
+//! finds the entry and adopts the key store as is. An entry stays a minute
+//! (see [`KEEP_ENV`]), and the next publication after that frees it (see
+//! [`keygate_core::published`]): a reload does not leave the old key store
+//! behind for long, and two keygate filters in one VM keep theirs.
+//!
+//! The id is a 128-bit SipHash-1-3 of the configuration, keyed with a random
+//! secret that the first VM draws and keeps in shared data. Keyed, it is
+//! about ten times faster than SHA-256 in V8 (25 against 280 ms for 94 MB),
+//! and nobody who writes configurations can make two of them share an id
+//! without knowing the secret, which only keygate's own code can read.
 
+use std::hash::Hasher as _;
 use std::sync::Arc;
 
 use keygate_core::keys::KeyStore;
+use keygate_core::published;
 use keygate_core::{ConfigError, Policy};
-use sha2::{Digest as _, Sha256};
+use siphasher::sip128::{Hasher128 as _, SipHasher13};
 
 use crate::abi::{self, Level};
 
-/// Shared-data key naming the configuration published last.
-const CURRENT: &str = "keygate/cfg/current";
-/// Chunk size for hashing the configuration.
+/// Shared-data key of the secret that keys configuration ids.
+const SECRET: &str = "keygate/cfg/secret";
+/// Shared-data key of the index of published entries.
+const INDEX: &str = "keygate/cfg/index";
+/// How long an entry is kept for VMs still loading its configuration,
+/// unless the VM's environment sets [`KEEP_ENV`].
+const DEFAULT_KEEP_S: u64 = 60;
+/// VM environment variable (Envoy's `vm_config.environment_variables`)
+/// that sets the keep period in seconds.
+const KEEP_ENV: &str = "KEYGATE_SHARE_KEEP_S";
+/// CAS attempts on the index before giving up.
+const MAX_CAS_RETRIES: usize = 16;
+/// Chunk size for reading the configuration.
 const CHUNK: usize = 1 << 20;
 
 fn keys_key(id: &str) -> String {
@@ -29,21 +50,37 @@ fn rest_key(id: &str) -> String {
     format!("keygate/cfg/{id}/rest")
 }
 
-/// Hex SHA-256 of the plugin configuration of `size` bytes, read in chunks.
+/// The secret shared by this Envoy's VMs, drawn by the first VM that needs
+/// it. Two VMs drawing at once both write; whichever VM ends up with the
+/// other's secret computes ids nobody published and compiles on its own.
+fn secret() -> Option<[u8; 16]> {
+    if let Ok(Some((stored, _))) = abi::get_shared_data(SECRET) {
+        if let Ok(secret) = <[u8; 16]>::try_from(stored.as_slice()) {
+            return Some(secret);
+        }
+    }
+    let mut drawn = [0u8; 16];
+    getrandom::fill(&mut drawn).ok()?;
+    abi::set_shared_data(SECRET, &drawn, 0).ok()?;
+    Some(drawn)
+}
+
+/// The id of the plugin configuration of `size` bytes, read in chunks; `None`
+/// when it cannot be computed (then the configuration is compiled, not shared).
 fn configuration_id(size: usize) -> Option<String> {
-    let mut hasher = Sha256::new();
+    let mut hasher = SipHasher13::new_with_key(&secret()?);
     // Another build may lay the compiled form out differently.
-    hasher.update(b"keygate compiled configuration v1\0");
+    hasher.write(b"keygate compiled configuration v2\0");
     let mut at = 0;
     while at < size {
         let chunk = abi::plugin_configuration_range(at, CHUNK.min(size - at)).ok()?;
         if chunk.is_empty() {
             return None;
         }
-        hasher.update(&chunk);
+        hasher.write(&chunk);
         at += chunk.len();
     }
-    Some(hex::encode(hasher.finalize()))
+    Some(hex::encode(hasher.finish128().as_bytes()))
 }
 
 /// How a VM got its policy, for the log line.
@@ -97,6 +134,8 @@ fn non_empty(key: &str) -> Option<Vec<u8>> {
         .filter(|v| !v.is_empty())
 }
 
+/// Puts the compiled form in shared data, then registers it in the index
+/// and frees the entries past their keep period.
 fn publish(id: &str, policy: &Policy, rest: &[u8]) {
     let keys = policy.keys().fixed().as_bytes();
     let ok = abi::set_shared_data(&keys_key(id), keys, 0).is_ok()
@@ -105,14 +144,58 @@ fn publish(id: &str, policy: &Policy, rest: &[u8]) {
         abi::log(Level::Warn, "could not share the compiled configuration");
         return;
     }
-    // Free the entry of the configuration this one replaces (a reload).
-    if let Some(previous) = non_empty(CURRENT) {
-        if previous != id.as_bytes() {
-            if let Ok(previous) = std::str::from_utf8(&previous) {
-                let _ = abi::set_shared_data(&keys_key(previous), b"", 0);
-                let _ = abi::set_shared_data(&rest_key(previous), b"", 0);
-            }
+    let Some(now) = abi::monotonic_ns() else {
+        return;
+    };
+    let keep_s = keep_seconds();
+    for _ in 0..MAX_CAS_RETRIES {
+        let (stored, cas) = match abi::get_shared_data(INDEX) {
+            Ok(Some(found)) => found,
+            // The first write cannot be CAS-protected: of two VMs creating
+            // the index at once, one entry goes unlisted (and never freed).
+            Ok(None) => (Vec::new(), 0),
+            Err(_) => break,
+        };
+        let registered = published::register(&stored, id, now, keep_s * 1_000_000_000);
+        if abi::set_shared_data(INDEX, &registered.index, cas) != Ok(true) {
+            continue;
+        }
+        for stale in &registered.stale {
+            let _ = abi::set_shared_data(&keys_key(stale), b"", 0);
+            let _ = abi::set_shared_data(&rest_key(stale), b"", 0);
+        }
+        if !registered.stale.is_empty() {
+            abi::log(
+                Level::Debug,
+                &format!(
+                    "freed {} shared compiled configuration(s) published over {} s ago",
+                    registered.stale.len(),
+                    keep_s
+                ),
+            );
+        }
+        return;
+    }
+    abi::log(
+        Level::Warn,
+        "could not index the shared compiled configuration: older ones stay in memory",
+    );
+}
+
+/// The keep period: [`KEEP_ENV`] if it holds a whole number of seconds (at
+/// most a day), else [`DEFAULT_KEEP_S`].
+fn keep_seconds() -> u64 {
+    let Ok(value) = std::env::var(KEEP_ENV) else {
+        return DEFAULT_KEEP_S;
+    };
+    match value.parse::<u64>() {
+        Ok(s) if s <= 86_400 => s,
+        _ => {
+            abi::log(
+                Level::Warn,
+                &format!("{KEEP_ENV}={value:?} is not a number of seconds up to 86400; using {DEFAULT_KEEP_S}"),
+            );
+            DEFAULT_KEEP_S
         }
     }
-    let _ = abi::set_shared_data(CURRENT, id.as_bytes(), 0);
 }

@@ -488,33 +488,44 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
-def wasm_filter(plugin_config: Union[str, dict, None], wasm: Union[str, Path]) -> dict:
+def wasm_filter(
+    plugin_config: Union[str, dict, None],
+    wasm: Union[str, Path],
+    plugin: str = "keygate",
+    vm_env: Optional[dict[str, str]] = None,
+) -> dict:
     """The keygate wasm HTTP filter entry. `plugin_config` may be a dict
-    (rendered as JSON) or a raw string (for malformed-JSON tests)."""
+    (rendered as JSON) or a raw string (for malformed-JSON tests). Every
+    entry loads into the VM `keygate`; `plugin` names the plugin and its root
+    context, so that several filters can share that VM. `vm_env` sets
+    environment variables in the VM."""
     if isinstance(plugin_config, dict):
         value = json.dumps(plugin_config)
     elif plugin_config is None:
         value = "{}"
     else:
         value = plugin_config
+    vm_config: dict[str, Any] = {
+        "vm_id": "keygate",
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": str(wasm)}},
+    }
+    if vm_env:
+        vm_config["environment_variables"] = {"key_values": dict(vm_env)}
     return {
         "name": "envoy.filters.http.wasm",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
-                "name": "keygate",
-                "root_id": "keygate",
+                "name": plugin,
+                "root_id": plugin,
                 "failure_policy": "FAIL_RELOAD",
                 "allow_on_headers_stop_iteration": True,
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": value,
                 },
-                "vm_config": {
-                    "vm_id": "keygate",
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": str(wasm)}},
-                },
+                "vm_config": vm_config,
             },
         },
     }
@@ -648,6 +659,9 @@ class Envoy:
         config_text: Optional[str] = None,
         dynamic_listener: bool = False,
         access_log: bool = False,
+        more_plugin_configs: Sequence[Union[str, dict]] = (),
+        drain_time_s: Optional[int] = None,
+        vm_env: Optional[dict[str, str]] = None,
     ):
         """`config_text`, if given, is used as the whole bootstrap (YAML) instead
         of the generated one; it may contain `{port}`, `{admin_port}` and
@@ -656,7 +670,10 @@ class Envoy:
         change the plugin configuration of a running Envoy. With `access_log`,
         every request is written as one JSON line to `access.log` (flushed
         every 100 ms), including keygate's denial filter state; read it with
-        `access_log_entries()`."""
+        `access_log_entries()`. Each of `more_plugin_configs` adds one more
+        keygate filter after the first, in the same VM. `drain_time_s` is
+        Envoy's `--drain-time-s` (how long a replaced listener drains).
+        `vm_env` sets environment variables in the keygate VM."""
         self.backend_port = backend_port
         self.plugin_config = plugin_config
         self.with_wasm = with_wasm
@@ -669,6 +686,9 @@ class Envoy:
         self.config_text = config_text
         self.dynamic_listener = dynamic_listener
         self.access_log = access_log
+        self.more_plugin_configs = list(more_plugin_configs)
+        self.drain_time_s = drain_time_s
+        self.vm_env = vm_env
         self.lds_version = 0
         self.returncode: Optional[int] = None
         self.base_id = random.randint(10_000, 2_000_000_000)
@@ -780,7 +800,12 @@ class Envoy:
         return path
 
     def _filters(self) -> list[dict]:
-        return [wasm_filter(self.plugin_config, self.wasm)] if self.with_wasm else []
+        if not self.with_wasm:
+            return []
+        more = [
+            wasm_filter(c, self.wasm, f"keygate-{n}", self.vm_env) for n, c in enumerate(self.more_plugin_configs, 2)
+        ]
+        return [wasm_filter(self.plugin_config, self.wasm, vm_env=self.vm_env)] + more
 
     def _write_lds(self, filters: list[dict]) -> None:
         assert self.workdir is not None
@@ -834,6 +859,8 @@ class Envoy:
         ]
         if self.component_log_level:
             cmd += ["--component-log-level", self.component_log_level]
+        if self.drain_time_s is not None:
+            cmd += ["--drain-time-s", str(self.drain_time_s)]
         if self.access_log:
             cmd += ["--file-flush-interval-msec", "100"]
         self._out = open(self.stdio_path, "wb")

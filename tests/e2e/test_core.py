@@ -535,6 +535,32 @@ def test_rate_limit_holds_across_workers(envoy_factory, backend):
     assert admitted <= bound, f"admitted {admitted} > bound {bound:.1f}"
 
 
+def test_each_configuration_is_compiled_once_and_adopted_by_the_other_vms(envoy_fn):
+    """Every VM (two on the main thread, one per worker) loads the plugin
+    configuration, but only the first compiles it: the others find its
+    compiled form in shared data under the configuration's id. Two keygate
+    filters in the same VM, with configurations of their own, each keep
+    their own keys."""
+    only_a, only_b, both = new_key(), new_key(), new_key()
+    # The first filter leaves the key in place for the second.
+    config_a = {"keys": [key_entry("a-only", only_a), key_entry("both", both)], "strip_credentials": False}
+    config_b = {"keys": [key_entry("b-only", only_b), key_entry("both", both), key_entry("b-spare", new_key())]}
+    envoy = envoy_fn(config_a, more_plugin_configs=[config_b], concurrency=2)
+    # New connections, so that both workers answer some.
+    for _ in range(6):
+        assert envoy.request("GET", unique_path(), [xkey(both)]).status == 200
+        assert envoy.request("GET", unique_path(), [xkey(only_a)]).status == 401  # the second filter
+        assert envoy.request("GET", unique_path(), [xkey(only_b)]).status == 401  # the first filter
+    assert_vm_healthy(envoy)
+    envoy.stop()  # flush the log
+    loads = re.findall(r"configuration loaded: (\d) keys, (compiled|adopted from another VM)", envoy.log_text())
+    for keys in ("2", "3"):
+        origins = [origin for n, origin in loads if n == keys]
+        assert origins.count("compiled") == 1, loads
+        # Both workers at least; the main thread's second VM too, today.
+        assert origins.count("adopted from another VM") >= 2, loads
+
+
 # ---------------------------------------------------------------------------
 # Logging: the key is never written
 # ---------------------------------------------------------------------------

@@ -5,9 +5,12 @@ keeps serving."""
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
-from harness import key_entry, new_key, unique_path, xkey
+from harness import key_entry, new_key, unique_path, wait_until, xkey
 
 K1 = new_key()
 K2 = new_key()
@@ -46,3 +49,52 @@ def test_invalid_reload_is_refused_and_old_config_serves(dyn):
     assert "keygate: invalid configuration: keys[0].sha256" in dyn.log_text()
     assert status(dyn, K2) == 200
     assert status(dyn, K1) == 429
+
+
+def test_reload_frees_the_old_compiled_configuration(envoy_fn):
+    """The compiled form that the VMs share is kept for a while (1 s here,
+    through the VM environment), and the next publication after that frees
+    it: the old configuration, loaded again once its filter chain has
+    drained, is compiled afresh instead of adopted."""
+    envoy = envoy_fn(
+        CONFIG_A,
+        dynamic_listener=True,
+        drain_time_s=1,
+        component_log_level="wasm:debug",
+        vm_env={"KEYGATE_SHARE_KEEP_S": "1"},
+    )
+    time.sleep(1.5)  # CONFIG_A's entry is past its keep period
+    envoy.reconfigure(CONFIG_B)  # publishing CONFIG_B frees it
+    assert status(envoy, K2) == 200
+    # A filter-chain-only update drains the old chain in place (1 s here);
+    # until it is gone, loading CONFIG_A again would reuse its root contexts.
+    time.sleep(1.5)
+    wait_until(lambda: envoy.stats().get("listener_manager.total_filter_chains_draining") == "0", timeout=15)
+    envoy.reconfigure(CONFIG_A)
+    assert status(envoy, K2) == 401
+    envoy.stop()  # flush the log
+    events = re.findall(
+        r"configuration loaded: (\d) keys, (compiled|adopted)|(freed 1 shared compiled configuration)", envoy.log_text()
+    )
+    freed_at = next(i for i, e in enumerate(events) if e[2])
+    before, after = events[:freed_at], events[freed_at + 1 :]
+    assert before.count(("1", "compiled", "")) == 1, events
+    # Compiled again, and not adopted by every VM as it would be if kept. (A
+    # worker can load the new chain while the main thread is still compiling
+    # it; then it compiles too.)
+    assert after.count(("1", "compiled", "")) >= 1, events
+
+
+def test_entries_within_their_keep_period_are_adopted_after_a_reload(envoy_fn):
+    """With the default keep period (a minute), switching back to a
+    configuration loaded moments ago adopts its compiled form."""
+    envoy = envoy_fn(CONFIG_A, dynamic_listener=True, drain_time_s=1)
+    envoy.reconfigure(CONFIG_B)
+    time.sleep(1.5)
+    wait_until(lambda: envoy.stats().get("listener_manager.total_filter_chains_draining") == "0", timeout=15)
+    envoy.reconfigure(CONFIG_A)
+    assert status(envoy, K2) == 401
+    envoy.stop()  # flush the log
+    one_key = re.findall(r"configuration loaded: 1 keys, (compiled|adopted)", envoy.log_text())
+    assert one_key.count("compiled") == 1, one_key
+    assert one_key.count("adopted") >= 3, one_key
