@@ -13,13 +13,31 @@ use keygate_core::Policy;
 
 use crate::abi::{self, Level};
 
-const LEASE_KEY: &str = "keygate/cp/lease";
-const META_KEY: &str = "keygate/cp/meta";
-const LIST_KEY: &str = "keygate/cp/list";
+/// Shared-data keys of one control plane: keygate filters polling other
+/// control planes in the same VM have their own (see [`ControlPlane::shared_name`]).
+#[derive(Debug, PartialEq, Eq)]
+struct SharedKeys {
+    lease: String,
+    meta: String,
+    list: String,
+}
+
+impl SharedKeys {
+    fn of(cp: &ControlPlane) -> Self {
+        let name = cp.shared_name();
+        SharedKeys {
+            lease: format!("keygate/cp/{name}/lease"),
+            meta: format!("keygate/cp/{name}/meta"),
+            list: format!("keygate/cp/{name}/list"),
+        }
+    }
+}
 
 /// Per-VM polling state, owned by the root context.
 #[derive(Debug)]
 pub struct Poller {
+    /// Where this control plane's lease, state and list live in shared data.
+    keys: SharedKeys,
     /// Random id of this VM in the lease.
     me: u64,
     /// Generation of the published list this VM is using.
@@ -78,19 +96,25 @@ pub enum TickAction {
 }
 
 impl Poller {
-    /// A poller with a VM-unique id.
-    pub fn new() -> Self {
+    /// A poller of `cp` with a VM-unique id.
+    pub fn new(cp: &ControlPlane) -> Self {
         // VMs are created at different nanoseconds; a collision would only
         // mean two fetchers for a while, never a wrong list.
         let me =
             (abi::monotonic_ns().unwrap_or(0) ^ abi::unix_ns().unwrap_or(0).rotate_left(17)) | 1;
         Poller {
+            keys: SharedKeys::of(cp),
             me,
             seen_generation: None,
             next_fetch_ns: 0,
             in_flight: None,
             pending: None,
         }
+    }
+
+    /// True when this poller polls `cp` (a reload may point elsewhere).
+    pub fn polls(&self, cp: &ControlPlane) -> bool {
+        self.keys == SharedKeys::of(cp)
     }
 
     /// Tick period for a control plane: workers check for new versions a few
@@ -111,7 +135,7 @@ impl Poller {
         let Some(now) = abi::monotonic_ns() else {
             return (TickAction::Nothing, false);
         };
-        let published = read_meta();
+        let published = read_meta(&self.keys.meta);
         let stale = match &published {
             Some((p, _)) => {
                 let age_ns = now.saturating_sub(p.confirmed_ns);
@@ -127,7 +151,9 @@ impl Poller {
         if self.in_flight.is_none() && self.hold_lease(now, cp) && now >= self.next_fetch_ns {
             self.next_fetch_ns = now.saturating_add(cp.poll_ms * 1_000_000);
             self.pending = None;
-            let etag = read_meta().map(|(p, _)| p.etag).unwrap_or_default();
+            let etag = read_meta(&self.keys.meta)
+                .map(|(p, _)| p.etag)
+                .unwrap_or_default();
             self.dispatch(cp, &cp.path, ("if-none-match", &etag), metrics);
         }
         (action, stale)
@@ -137,7 +163,7 @@ impl Poller {
     /// (used right after a configuration update).
     pub fn sync(&mut self, base: &Policy, metrics: &PollMetrics) -> TickAction {
         self.seen_generation = None;
-        match read_meta() {
+        match read_meta(&self.keys.meta) {
             Some((p, _)) => self.load_if_new(base, &p, metrics),
             None => TickAction::Nothing,
         }
@@ -147,7 +173,7 @@ impl Poller {
         if self.seen_generation == Some(p.generation) {
             return TickAction::Nothing;
         }
-        let Ok(Some((bytes, _))) = abi::get_shared_data(LIST_KEY) else {
+        let Ok(Some((bytes, _))) = abi::get_shared_data(&self.keys.list) else {
             return TickAction::Nothing;
         };
         self.seen_generation = Some(p.generation);
@@ -180,7 +206,7 @@ impl Poller {
     }
 
     fn hold_lease(&self, now: u64, cp: &ControlPlane) -> bool {
-        let (current, cas) = match abi::get_shared_data(LEASE_KEY) {
+        let (current, cas) = match abi::get_shared_data(&self.keys.lease) {
             Ok(Some((bytes, cas))) => (Lease::decode(&bytes), cas),
             Ok(None) => (None, 0),
             Err(_) => return false,
@@ -188,7 +214,7 @@ impl Poller {
         let ttl = (cp.poll_ms * 3 + cp.timeout_ms) * 1_000_000;
         match Lease::claim(current, self.me, now, ttl) {
             Some(lease) => matches!(
-                abi::set_shared_data(LEASE_KEY, &lease.encode(), cas),
+                abi::set_shared_data(&self.keys.lease, &lease.encode(), cas),
                 Ok(true)
             ),
             None => false,
@@ -266,7 +292,7 @@ impl Poller {
         } else {
             Vec::new()
         };
-        let published = read_meta();
+        let published = read_meta(&self.keys.meta);
         let current_version = published.as_ref().map(|(p, _)| p.version);
         match classify(
             status,
@@ -294,7 +320,7 @@ impl Poller {
                 PollMetrics::count(metrics.not_modified);
                 if let Some((mut p, cas)) = published {
                     p.confirmed_ns = abi::monotonic_ns().unwrap_or(p.confirmed_ns);
-                    let _ = abi::set_shared_data(META_KEY, &p.encode(), cas);
+                    let _ = abi::set_shared_data(&self.keys.meta, &p.encode(), cas);
                 }
                 TickAction::Nothing
             }
@@ -327,7 +353,8 @@ impl Poller {
                     confirmed_ns: abi::monotonic_ns().unwrap_or(0),
                     etag: etag.unwrap_or_default(),
                 };
-                if !unchanged && abi::set_shared_data(LIST_KEY, store.as_bytes(), 0).is_err() {
+                if !unchanged && abi::set_shared_data(&self.keys.list, store.as_bytes(), 0).is_err()
+                {
                     PollMetrics::count(metrics.failed);
                     abi::log(
                         Level::Error,
@@ -337,7 +364,7 @@ impl Poller {
                 }
                 let cas = published.map_or(0, |(_, cas)| cas);
                 let published_now = matches!(
-                    abi::set_shared_data(META_KEY, &next.encode(), cas),
+                    abi::set_shared_data(&self.keys.meta, &next.encode(), cas),
                     Ok(true)
                 );
                 if !unchanged {
@@ -370,7 +397,7 @@ impl Poller {
     }
 }
 
-fn read_meta() -> Option<(Published, u32)> {
-    let (bytes, cas) = abi::get_shared_data(META_KEY).ok()??;
+fn read_meta(key: &str) -> Option<(Published, u32)> {
+    let (bytes, cas) = abi::get_shared_data(key).ok()??;
     Published::decode(&bytes).map(|p| (p, cas))
 }

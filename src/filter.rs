@@ -129,9 +129,13 @@ impl RootContext for KeygateRoot {
         self.replies = Some(Rc::new(ReplyBook::new(|b| base.challenge_for(b))));
         self.base = Some(base.clone());
         self.policy = Some(base.clone());
-        if base.control_plane().is_some() {
+        if let Some(cp) = base.control_plane() {
             self.poll_metrics = PollMetrics::define();
-            let mut poller = self.poller.take().unwrap_or_else(Poller::new);
+            let mut poller = self
+                .poller
+                .take()
+                .filter(|p| p.polls(cp))
+                .unwrap_or_else(|| Poller::new(cp));
             let action = poller.sync(&base, &self.poll_metrics);
             self.switch(action);
             self.poller = Some(poller);

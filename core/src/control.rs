@@ -6,6 +6,7 @@
 //! publishes it, and every worker switches to the published version.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use crate::policy::{CompiledKeyList, ConfigError, KeyListPages};
 
@@ -86,6 +87,28 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// A name for this control plane's shared-data entries (lease, list,
+    /// published state): the same for identical settings, so that keygate
+    /// filters polling the same list in one VM share one fetcher, and
+    /// different for any other, so that each filter keeps its own list.
+    pub fn shared_name(&self) -> String {
+        let mut hasher = Sha256::new();
+        for part in [
+            self.cluster.as_bytes(),
+            self.authority.as_bytes(),
+            self.path.as_bytes(),
+            &self.poll_ms.to_le_bytes(),
+            &self.timeout_ms.to_le_bytes(),
+            &self.max_staleness_ms.to_le_bytes(),
+            &[self.stale_policy as u8],
+            &(self.max_list_bytes as u64).to_le_bytes(),
+        ] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        hex::encode(&hasher.finalize()[..16])
+    }
+
     /// Validates `c`, pushing problems under `control_plane.*`.
     pub fn compile(c: &ControlPlaneConfig, errors: &mut Vec<ConfigError>) -> Option<ControlPlane> {
         let before = errors.len();
@@ -324,6 +347,30 @@ impl Published {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plane(path: &str, poll: &str) -> ControlPlane {
+        let c: ControlPlaneConfig = serde_json::from_value(serde_json::json!({
+            "cluster": "cp", "authority": "cp.local", "path": path, "poll_interval": poll
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut errors = Vec::new();
+        ControlPlane::compile(&c, &mut errors).unwrap_or_else(|| panic!("{errors:?}"))
+    }
+
+    #[test]
+    fn shared_name_is_the_same_for_identical_settings_only() {
+        let a = plane("/v1/keys", "1s").shared_name();
+        assert_eq!(a, plane("/v1/keys", "1s").shared_name());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, plane("/v1/other", "1s").shared_name());
+        assert_ne!(a, plane("/v1/keys", "2s").shared_name());
+        // Parts are length-prefixed: moving a byte between them changes the name.
+        let mut moved = plane("/v1/keys", "1s");
+        moved.cluster.push('c');
+        moved.authority.remove(0);
+        assert_ne!(a, moved.shared_name());
+    }
 
     #[test]
     fn durations() {

@@ -34,6 +34,8 @@ class FakeControlPlane:
 
     def __init__(self, port: int = 0):
         self.keys: list[dict] = []
+        # Lists served at other paths (any other path serves `keys`).
+        self.keys_at: dict[str, list[dict]] = {}
         self.version = 1
         self.mode = "ok"
         self.hits = 0
@@ -46,8 +48,9 @@ class FakeControlPlane:
         assert self._server is not None
         return self._server.server_address[1]
 
-    def body(self) -> bytes:
-        return json.dumps({"version": self.version, "keys": self.keys}).encode()
+    def body(self, path: str = "/v1/keys") -> bytes:
+        keys = self.keys_at.get(path, self.keys)
+        return json.dumps({"version": self.version, "keys": keys}).encode()
 
     def set_keys(self, keys: list[dict]) -> None:
         with self._lock:
@@ -85,7 +88,7 @@ class FakeControlPlane:
                     return self._send(200, json.dumps(page).encode())
                 if mode == "oversized":
                     return self._send(200, b" " * 5000 + cp.body())
-                body = cp.body()
+                body = cp.body(self.path)
                 if mode == "truncated":
                     self.send_response(200)
                     self.send_header("content-length", str(len(body)))
@@ -332,5 +335,34 @@ def test_a_100k_key_list_applies(start_envoy) -> None:
         )
         assert get(envoy, small).status == 401
         assert get(envoy, "bulk-77").status == 200
+    finally:
+        cp.stop()
+
+
+def test_two_filters_in_one_vm_keep_their_own_control_plane_lists(start_envoy) -> None:
+    """Two keygate filters in the same VM, polling two lists: each has its
+    own fetcher lease and published list in shared data, so neither filter
+    ever applies the other's list."""
+    cp = FakeControlPlane().start()
+    only_a, only_b, both = harness.new_key("cpa_"), harness.new_key("cpb_"), harness.new_key("cpab_")
+    cp.keys_at = {
+        "/v1/a": [harness.key_entry("a-only", only_a), harness.key_entry("both", both)],
+        "/v1/b": [harness.key_entry("b-only", only_b), harness.key_entry("both", both)],
+    }
+    try:
+        # The first filter leaves the key in place for the second.
+        envoy = start_envoy(
+            cp_config({"strip_credentials": False}, path="/v1/a"),
+            cp.port,
+            more_plugin_configs=[cp_config(path="/v1/b")],
+            concurrency=2,
+        )
+        assert wait_status(envoy, both, 200), "lists never applied"
+        deadline = time.monotonic() + 1.5  # several polls on every worker
+        while time.monotonic() < deadline:
+            assert get(envoy, both).status == 200
+            assert get(envoy, only_a).status == 401  # refused by the second filter
+            assert get(envoy, only_b).status == 401  # refused by the first filter
+        assert vm_reloads(envoy) == 0
     finally:
         cp.stop()
