@@ -109,9 +109,19 @@ def loadavg() -> str:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free a moment ago (held at once while picking)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def sha256_hex(s: str) -> str:
@@ -429,7 +439,7 @@ class Envoy:
 
 
 def new_envoy(name: str, filters: list[dict], workdir: Path, envoy_bin: Path, upstream_port: Optional[int], **kw: Any) -> Envoy:
-    port, admin = free_port(), free_port()
+    port, admin = free_ports(2)
     meta = kw.pop("listener_metadata", None)
     return Envoy(name, bootstrap(port, admin, filters, upstream_port, meta), workdir, envoy_bin, port=port, admin_port=admin, **kw)
 
@@ -882,7 +892,7 @@ def host_call_costs(s: Settings, workdir: Path, envoy_bin: Path, probe_wasm: Pat
     kinds = ["nothing"] + HOST_CALLS
     envoys: dict[str, Envoy] = {}
     # Bench counts the CPU of an upstream; this one only idles.
-    up_port, up_admin = free_port(), free_port()
+    up_port, up_admin = free_ports(2)
     upstream = Envoy("probe-upstream", upstream_bootstrap(up_port, up_admin), workdir, envoy_bin, cpus=UPSTREAM_CORE, port=up_port, admin_port=up_admin)
     try:
         upstream.start()
@@ -1063,7 +1073,7 @@ def main() -> int:
 
         # -- Envoys ---------------------------------------------------------
         print("starting envoys ...", flush=True)
-        up_port, up_admin = free_port(), free_port()
+        up_port, up_admin = free_ports(2)
         upstream = Envoy("upstream", upstream_bootstrap(up_port, up_admin), workdir, envoy_bin, cpus=UPSTREAM_CORE, port=up_port, admin_port=up_admin)
         upstream.start()
         defs: list[tuple[str, list[dict], int]] = [

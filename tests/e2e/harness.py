@@ -44,9 +44,20 @@ HeaderList = Sequence[tuple[HeaderValue, HeaderValue]]
 
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports that were free on 127.0.0.1 a moment ago (all
+    held at once while picking, so the kernel cannot hand out one twice)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def sha256_hex(key: Union[str, bytes]) -> str:
@@ -841,8 +852,7 @@ class Envoy:
         if self.with_wasm and not self.wasm.exists():
             raise FileNotFoundError(f"{self.wasm} does not exist: build it with scripts/test.sh")
         self.workdir = Path(tempfile.mkdtemp(prefix="keygate-e2e-"))
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port, self.admin_port = free_ports(2)
         cfg = self._write_config()
         cmd = [
             str(envoy_binary()),
@@ -882,7 +892,7 @@ class Envoy:
         except (urllib.error.URLError, OSError, ConnectionError):
             return False
 
-    def start(self) -> "Envoy":
+    def start(self, _attempts: int = 3) -> "Envoy":
         self._launch()
         assert self.proc is not None
         deadline = time.monotonic() + self.ready_timeout
@@ -890,7 +900,12 @@ class Envoy:
             if self.proc.poll() is not None:
                 rc = self.proc.returncode
                 self.stop()
-                raise EnvoyStartError(f"envoy exited during startup with code {rc}", self.log_text(), rc)
+                log = self.log_text()
+                if "Address already in use" in log and _attempts > 1:
+                    # Another process took a port between picking and binding.
+                    self.cleanup()
+                    return self.start(_attempts - 1)
+                raise EnvoyStartError(f"envoy exited during startup with code {rc}", log, rc)
             if self._is_ready():
                 return self
             time.sleep(0.05)
