@@ -308,7 +308,7 @@ impl HttpContext for KeygateRequest {
 /// False if the identity could not be set.
 fn apply_edits(policy: &Policy, map: &HeaderMap<'_>, allowed: &Allowed<'_, '_>) -> bool {
     let edits = policy.forward_edits(map, allowed);
-    for name in edits.remove.iter().chain(edits.strip.iter()) {
+    for name in edits.remove.iter().copied().chain(edits.strip()) {
         let _ = abi::remove_request_header(name);
     }
     match edits.identity {

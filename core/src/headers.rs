@@ -5,18 +5,40 @@
 //! and nothing here assumes UTF-8 (the SDK's `String` getters panic on it).
 
 /// Request headers as `(name, value)` byte slices, in the order Envoy holds them.
-#[derive(Debug, Default, Clone)]
+///
+/// A decoded map reads the entries straight from the host's buffer each time
+/// it is walked, so a request allocates nothing for it: a walk costs a few
+/// additions per header, less than an allocation.
+#[derive(Debug, Clone)]
 pub struct HeaderMap<'a> {
-    entries: Vec<(&'a [u8], &'a [u8])>,
+    entries: Entries<'a>,
+}
+
+#[derive(Debug, Clone)]
+enum Entries<'a> {
+    /// The proxy-wasm serialization, checked by [`HeaderMap::decode`].
+    Wire { buf: &'a [u8], count: usize },
+    /// Pairs given as slices.
+    Pairs(Vec<(&'a [u8], &'a [u8])>),
+}
+
+impl Default for HeaderMap<'_> {
+    fn default() -> Self {
+        HeaderMap {
+            entries: Entries::Pairs(Vec::new()),
+        }
+    }
 }
 
 impl<'a> HeaderMap<'a> {
     /// Builds a map from pairs (tests and callers that already hold slices).
     pub fn from_pairs(entries: Vec<(&'a [u8], &'a [u8])>) -> Self {
-        HeaderMap { entries }
+        HeaderMap {
+            entries: Entries::Pairs(entries),
+        }
     }
 
-    /// Decodes the proxy-wasm header map serialization: a little-endian `u32`
+    /// Checks the proxy-wasm header map serialization: a little-endian `u32`
     /// count, then `count` pairs of `u32` (name length, value length), then
     /// each name and value followed by a NUL byte. Returns `None` when the
     /// buffer is inconsistent, never panics.
@@ -29,31 +51,47 @@ impl<'a> HeaderMap<'a> {
         if sizes_end > buf.len() {
             return None;
         }
-        let mut entries = Vec::with_capacity(count);
-        let mut pos = sizes_end;
-        for n in 0..count {
-            let name_len = read_u32(buf, 4 + n * 8)? as usize;
-            let value_len = read_u32(buf, 8 + n * 8)? as usize;
-            let name = buf.get(pos..pos.checked_add(name_len)?)?;
-            pos = pos.checked_add(name_len + 1)?;
-            let value = buf.get(pos..pos.checked_add(value_len)?)?;
-            pos = pos.checked_add(value_len + 1)?;
-            entries.push((name, value));
+        let mut walk = WireIter {
+            buf,
+            count,
+            n: 0,
+            pos: sizes_end,
+            broken: false,
+        };
+        for _ in walk.by_ref() {}
+        if walk.broken {
+            return None;
         }
-        Some(HeaderMap { entries })
+        Some(HeaderMap {
+            entries: Entries::Wire { buf, count },
+        })
     }
 
     /// All entries, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
-        self.entries.iter().copied()
+        let (wire, pairs) = match &self.entries {
+            Entries::Wire { buf, count } => (
+                Some(WireIter {
+                    buf,
+                    count: *count,
+                    n: 0,
+                    pos: 4 + count * 8,
+                    broken: false,
+                }),
+                None,
+            ),
+            Entries::Pairs(p) => (None, Some(p.iter().copied())),
+        };
+        wire.into_iter()
+            .flatten()
+            .chain(pairs.into_iter().flatten())
     }
 
     /// Every value of `name` (ASCII case-insensitive), in order.
     pub fn get_all<'s>(&'s self, name: &'s [u8]) -> impl Iterator<Item = &'a [u8]> + 's {
-        self.entries
-            .iter()
+        self.iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| *v)
+            .map(|(_, v)| v)
     }
 
     /// The first value of `name`, if any.
@@ -63,12 +101,54 @@ impl<'a> HeaderMap<'a> {
 
     /// Number of entries.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        match &self.entries {
+            Entries::Wire { count, .. } => *count,
+            Entries::Pairs(p) => p.len(),
+        }
     }
 
     /// True when there are no entries.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
+    }
+}
+
+/// Walks the serialized entries; stops (and sets `broken`) at the first
+/// length that does not fit the buffer.
+struct WireIter<'a> {
+    buf: &'a [u8],
+    count: usize,
+    n: usize,
+    pos: usize,
+    broken: bool,
+}
+
+impl<'a> Iterator for WireIter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.n >= self.count || self.broken {
+            return None;
+        }
+        let entry = self.entry();
+        if entry.is_none() {
+            self.broken = true;
+        }
+        self.n += 1;
+        entry
+    }
+}
+
+impl<'a> WireIter<'a> {
+    fn entry(&mut self) -> Option<(&'a [u8], &'a [u8])> {
+        let sizes = 4 + self.n * 8;
+        let name_len = read_u32(self.buf, sizes)? as usize;
+        let value_len = read_u32(self.buf, sizes + 4)? as usize;
+        let name = self.buf.get(self.pos..self.pos.checked_add(name_len)?)?;
+        let value_at = self.pos.checked_add(name_len)?.checked_add(1)?;
+        let value = self.buf.get(value_at..value_at.checked_add(value_len)?)?;
+        self.pos = value_at.checked_add(value_len)?.checked_add(1)?;
+        Some((name, value))
     }
 }
 
@@ -109,6 +189,37 @@ mod tests {
         let map = HeaderMap::decode(&buf).unwrap();
         assert_eq!(map.iter().collect::<Vec<_>>(), pairs);
         assert_eq!(map.get(b"X-API-KEY"), Some(&b"k1"[..]));
+    }
+
+    #[test]
+    fn a_decoded_map_walks_like_the_pairs_it_came_from() {
+        let pairs: Vec<(&[u8], &[u8])> = vec![
+            (b"x-api-key", b"one"),
+            (b"accept", b"*/*"),
+            (b"X-Api-Key", b"two"),
+        ];
+        let buf = encode(&pairs);
+        let wire = HeaderMap::decode(&buf).unwrap();
+        let given = HeaderMap::from_pairs(pairs.clone());
+        for map in [&wire, &given] {
+            assert_eq!(map.len(), 3);
+            assert_eq!(map.iter().collect::<Vec<_>>(), pairs);
+            let keys: Vec<&[u8]> = map.get_all(b"x-api-key").collect();
+            assert_eq!(keys, [&b"one"[..], &b"two"[..]]);
+            assert_eq!(map.get(b"missing"), None);
+        }
+        // Walking twice gives the same entries (nothing is consumed).
+        assert_eq!(wire.iter().count(), wire.iter().count());
+    }
+
+    #[test]
+    fn lengths_past_the_buffer_are_rejected() {
+        let mut buf = encode(&[(b"a", b"b")]);
+        buf[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(HeaderMap::decode(&buf).is_none());
+        let mut buf = encode(&[(b"a", b"b")]);
+        buf[8..12].copy_from_slice(&(u32::MAX - 1).to_le_bytes());
+        assert!(HeaderMap::decode(&buf).is_none());
     }
 
     #[test]

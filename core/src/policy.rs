@@ -114,15 +114,25 @@ pub struct Hold {
 }
 
 /// Header changes to make before forwarding an allowed request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Edits<'p, 'h> {
     /// Client copies of the identity header (any case, `_` for `-`) to remove.
     pub remove: Vec<&'h [u8]>,
-    /// Credential headers to remove.
-    pub strip: Vec<&'p [u8]>,
+    /// The credential whose headers [`Edits::strip`] names, when stripping.
+    strip: Option<(Credential<'h>, &'p Extractor)>,
     /// The identity header and its value (replaces any client copy); `None`
     /// on public routes.
     pub identity: Option<(&'p str, &'p str)>,
+}
+
+impl<'p> Edits<'p, '_> {
+    /// Credential headers to remove (none when credentials are kept). Named
+    /// on demand rather than collected: an allowed request allocates nothing.
+    pub fn strip(&self) -> impl Iterator<Item = &'p [u8]> + '_ {
+        self.strip
+            .iter()
+            .flat_map(|(credential, extractor)| extractor.carrier_names(credential))
+    }
 }
 
 impl Policy {
@@ -570,10 +580,7 @@ impl Policy {
                 remove.push(name);
             }
         }
-        let strip = match (&allowed.credential, self.strip_credentials) {
-            (Some((c, extractor)), true) => extractor.carrier_names(c).collect(),
-            _ => Vec::new(),
-        };
+        let strip = allowed.credential.filter(|_| self.strip_credentials);
         Edits {
             remove,
             strip,

@@ -70,7 +70,8 @@ fn case_table() {
             Decision::Allow(a) => {
                 let edits = policy.forward_edits(&map, &a);
                 let mut forwarded: Vec<&[u8]> = map.iter().map(|(n, _)| n).collect();
-                forwarded.retain(|n| !edits.remove.contains(n) && !edits.strip.contains(n));
+                let stripped: Vec<&[u8]> = edits.strip().collect();
+                forwarded.retain(|n| !edits.remove.contains(n) && !stripped.contains(n));
                 let (identity_header, identity) = edits.identity.unwrap();
                 forwarded.retain(|n| *n != identity_header.as_bytes());
                 for s in expect["stripped"].as_array().into_iter().flatten() {

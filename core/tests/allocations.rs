@@ -1,0 +1,149 @@
+//! The allowed path allocates nothing of its own: decoding the header map,
+//! the decision and the forwarding edits run on borrowed slices. The only
+//! allocation left is the bucket state the store returns (in Envoy, the
+//! host's copy of the shared-data value, made through the VM's allocator).
+#![allow(clippy::unwrap_used)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use keygate_core::headers::{encode, HeaderMap};
+use keygate_core::keys::digest;
+use keygate_core::policy::{Decision, Host};
+use keygate_core::ratelimit::{CounterStore, StoreError, Versioned};
+use keygate_core::Policy;
+
+/// Counts allocations made by the current thread.
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations_during(f: impl FnOnce()) -> usize {
+    let before = ALLOCATIONS.with(Cell::get);
+    f();
+    ALLOCATIONS.with(Cell::get) - before
+}
+
+/// One bucket held in place; `get` returns a fresh copy, as the host does.
+#[derive(Default)]
+struct OneBucket {
+    state: Cell<Option<([u8; 8], u32)>>,
+}
+
+impl CounterStore for OneBucket {
+    fn get(&self, _key: &str) -> Result<Option<Versioned>, StoreError> {
+        Ok(self.state.get().map(|(v, cas)| (v.to_vec(), Some(cas))))
+    }
+    fn set(&self, _key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+        let current = self.state.get().map(|(_, c)| c);
+        if cas.is_some() && cas != current {
+            return Ok(false);
+        }
+        let bytes: [u8; 8] = value.try_into().map_err(|_| StoreError)?;
+        self.state.set(Some((bytes, current.unwrap_or(0) + 1)));
+        Ok(true)
+    }
+}
+
+struct TestHost {
+    bucket: OneBucket,
+}
+
+impl Host for TestHost {
+    fn monotonic_ns(&self) -> Option<u64> {
+        Some(1_000_000_000_000)
+    }
+    fn unix_secs(&self) -> Option<i64> {
+        Some(1_800_000_000)
+    }
+    fn source_ip(&self) -> Option<std::net::IpAddr> {
+        None
+    }
+    fn counters(&self) -> &dyn CounterStore {
+        &self.bucket
+    }
+}
+
+const FREE: &str = "free-key-0123456789abcdefghijklmn";
+const METERED: &str = "metered-key-0123456789abcdefghijk";
+
+fn policy() -> Policy {
+    let config = format!(
+        r#"{{"keys":[{{"id":"free","sha256":"{}"}},
+            {{"id":"metered","sha256":"{}","rate_limit":{{"requests_per_second":1000,"burst":1000}}}}]}}"#,
+        hex::encode(digest(FREE.as_bytes())),
+        hex::encode(digest(METERED.as_bytes())),
+    );
+    Policy::from_json(config.as_bytes()).unwrap()
+}
+
+/// Decodes `wire`, decides and walks the edits as the filter does; returns
+/// the length of the identity it would set (0 when denied).
+fn allowed_request(policy: &Policy, wire: &[u8], host: &TestHost) -> usize {
+    let map = HeaderMap::decode(wire).unwrap();
+    let decision = policy.decide(&map, host);
+    let Decision::Allow(allowed) = decision else {
+        return 0; // the callers' identity check fails
+    };
+    let edits = policy.forward_edits(&map, &allowed);
+    let names = edits.remove.iter().copied().chain(edits.strip());
+    assert_eq!(names.count(), 1, "the credential header is stripped");
+    edits.identity.map_or(0, |(_, id)| id.len())
+}
+
+fn wire(key: &str) -> Vec<u8> {
+    encode(&[
+        (b":authority", b"api.example"),
+        (b":path", b"/v1/items?page=2"),
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b"user-agent", b"test"),
+        (b"accept", b"*/*"),
+        (b"x-api-key", key.as_bytes()),
+    ])
+}
+
+#[test]
+fn an_allowed_request_without_a_limit_allocates_nothing() {
+    let policy = policy();
+    let host = TestHost {
+        bucket: OneBucket::default(),
+    };
+    let wire = wire(FREE);
+    allowed_request(&policy, &wire, &host); // warm-up
+    let mut identity = 0;
+    let n = allocations_during(|| identity = allowed_request(&policy, &wire, &host));
+    assert_eq!(identity, "free".len());
+    assert_eq!(n, 0, "allocations on the allowed path");
+}
+
+#[test]
+fn an_allowed_limited_request_allocates_only_the_bucket_copy() {
+    let policy = policy();
+    let host = TestHost {
+        bucket: OneBucket::default(),
+    };
+    let wire = wire(METERED);
+    allowed_request(&policy, &wire, &host); // creates the bucket
+    let mut identity = 0;
+    let n = allocations_during(|| identity = allowed_request(&policy, &wire, &host));
+    assert_eq!(identity, "metered".len());
+    assert_eq!(n, 1, "allocations on the allowed path with a limit");
+}
