@@ -7,7 +7,11 @@
 A build may name a configuration variant after a colon: `no-limit` (no rate
 limits, so no clock, bucket get or CAS set; no 429 path), `no-strip`
 (`strip_credentials: false`) or `no-limit-no-strip`; the default is the
-`keygate-10` configuration of bench.py.
+`keygate-10` configuration of bench.py. `floor` marks a module that is not
+keygate, such as the bench's empty filter
+(`target/bench-empty/wasm32-wasip1/release/keygate_bench_empty.wasm`): only its
+allowed path is measured, so that keygate's cost above the floor every wasm
+filter pays comes from one interleaved run.
 
 Each build runs in its own Envoy (`--concurrency 1`, pinned like bench.py), all
 started before measuring. The measuring is bench.py's own (`Bench`): rounds
@@ -39,7 +43,7 @@ def default_envoy() -> Path | None:
     return found[0] if found else None
 
 
-VARIANTS = ("default", "no-limit", "no-strip", "no-limit-no-strip")
+VARIANTS = ("default", "no-limit", "no-strip", "no-limit-no-strip", "floor")
 
 
 def split_build(arg: str) -> tuple[Path, str]:
@@ -91,6 +95,8 @@ def main() -> int:
     expected = {"allowed": 200, "401": 401, "429": 429}
 
     def measured(variant: str) -> list[str]:
+        if variant == "floor":
+            return ["allowed"]
         return [p for p in paths if not (p == "429" and "no-limit" in variant)]
 
     settings = b.Settings(
