@@ -1173,6 +1173,19 @@ def paired_ratio(raw: list[dict], ref_raw: list[dict], field: str = "us_per_req"
     return statistics.median(ratios) if ratios else None
 
 
+def paired_difference(raw: list[dict], ref_raw: list[dict], field: str = "us_per_req") -> Optional[float]:
+    """Median over rounds of (this cell's sample - the reference's sample of
+    the same round), clean samples only: what the cell adds to the reference,
+    with the machine's drift between rounds taken out."""
+
+    def by_round(rs: list[dict]) -> dict[int, float]:
+        return {r["round"]: r[field] for r in rs if not r["busy"] and r.get(field) is not None}
+
+    a, b = by_round(raw), by_round(ref_raw)
+    diffs = [a[k] - b[k] for k in a if k in b]
+    return statistics.median(diffs) if diffs else None
+
+
 def result_rows(cells: dict[Cell, dict], order: list[str]) -> list[dict]:
     """One row per (config, route, path, h1|h2), with the c1 latencies and
     the ratios to baseline, empty-wasm and native."""
@@ -1219,6 +1232,10 @@ def result_rows(cells: dict[Cell, dict], order: list[str]) -> list[dict]:
                             "us_vs_native_paired": pr(c, native),
                             "us_added_over_baseline": (us - base["us_per_req"])
                             if (us is not None and base and base["us_per_req"] is not None)
+                            else None,
+                            # median of the per-round differences (printed)
+                            "us_added_over_empty_wasm_paired": paired_difference(c["raw"], empty["raw"])
+                            if empty
                             else None,
                         }
                     )
@@ -1273,7 +1290,8 @@ def print_report(sm: dict) -> None:
     print("   x-ratios = median over rounds of us/req divided by the same round's reference: xbase/xempty = baseline/")
     print("   empty-wasm allowed path, xnative = native's same path. p50/p99: wrk -c32 (load) and -c1 -t1 (c1).")
     print("   env% = Envoy CPU in % of one core during the sample; n/drop = samples taken / dropped as busy; * = no clean sample.")
-    hdr = f"{'config':14s} {'route':6s} {'path':7s} {'proto':5s} {'RPS':>8s} {'rps/b':>5s} {'us/req':>7s} {'+us/b':>6s} {'xbase':>5s} {'xempty':>6s} {'xnativ':>6s} {'p50':>8s} {'p99':>8s} {'c1 p50':>8s} {'c1 p99':>8s} {'env%':>4s} {'n/drop':>6s}"
+    print("   +us/e = median over rounds of us/req minus the same round's empty-wasm allowed path (the floor every wasm filter pays).")
+    hdr = f"{'config':14s} {'route':6s} {'path':7s} {'proto':5s} {'RPS':>8s} {'rps/b':>5s} {'us/req':>7s} {'+us/b':>6s} {'+us/e':>6s} {'xbase':>5s} {'xempty':>6s} {'xnativ':>6s} {'p50':>8s} {'p99':>8s} {'c1 p50':>8s} {'c1 p99':>8s} {'env%':>4s} {'n/drop':>6s}"
     print(hdr)
     print("-" * len(hdr))
     last = None
@@ -1286,7 +1304,8 @@ def print_report(sm: dict) -> None:
         print(
             f"{r['config']:14s} {r['route']:6s} {r['path']:7s} {('h2' if r['proto'] == 'h2' else 'h1'):5s} "
             f"{fmt(r['rps'], '.0f'):>8s} {fmt(r['rps_vs_baseline'], '.2f'):>5s} {fmt(r['us_per_req']) + flag:>7s} "
-            f"{fmt(r['us_added_over_baseline'], '+.1f'):>6s} {fmt(r['us_vs_baseline_paired'], '.2f'):>5s} "
+            f"{fmt(r['us_added_over_baseline'], '+.1f'):>6s} {fmt(r.get('us_added_over_empty_wasm_paired'), '+.1f'):>6s} "
+            f"{fmt(r['us_vs_baseline_paired'], '.2f'):>5s} "
             f"{fmt(r['us_vs_empty_wasm_paired'], '.2f'):>6s} {fmt(r['us_vs_native_paired'], '.2f'):>6s} "
             f"{fmt_lat(r['p50_us']):>8s} {fmt_lat(r['p99_us']):>8s} {fmt_lat(r['c1_p50_us']):>8s} {fmt_lat(r['c1_p99_us']):>8s} "
             f"{fmt(r['envoy_cpu_pct'], '.0f'):>4s} {r['samples']:>3d}/{r['dropped_busy']:<2d}"
