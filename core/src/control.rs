@@ -88,20 +88,17 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// A name for this control plane's shared-data entries (lease, list,
-    /// published state): the same for identical settings, so that keygate
-    /// filters polling the same list in one VM share one fetcher, and
-    /// different for any other, so that each filter keeps its own list.
+    /// published state), from what says which list it is: cluster, authority
+    /// and path. Keygate filters in one VM polling the same list share one
+    /// fetcher (the lease holder's timings apply), filters polling other
+    /// lists keep their own, and a reload that only changes timings keeps
+    /// serving the published list instead of starting cold.
     pub fn shared_name(&self) -> String {
         let mut hasher = Sha256::new();
         for part in [
             self.cluster.as_bytes(),
             self.authority.as_bytes(),
             self.path.as_bytes(),
-            &self.poll_ms.to_le_bytes(),
-            &self.timeout_ms.to_le_bytes(),
-            &self.max_staleness_ms.to_le_bytes(),
-            &[self.stale_policy as u8],
-            &(self.max_list_bytes as u64).to_le_bytes(),
         ] {
             hasher.update((part.len() as u64).to_le_bytes());
             hasher.update(part);
@@ -358,13 +355,14 @@ mod tests {
     }
 
     #[test]
-    fn shared_name_is_the_same_for_identical_settings_only() {
+    fn shared_name_names_the_list_not_the_timings() {
         let a = plane("/v1/keys", "1s").shared_name();
         assert_eq!(a, plane("/v1/keys", "1s").shared_name());
         assert_eq!(a.len(), 32);
         assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(a, plane("/v1/other", "1s").shared_name());
-        assert_ne!(a, plane("/v1/keys", "2s").shared_name());
+        // Timings do not make it another list.
+        assert_eq!(a, plane("/v1/keys", "2s").shared_name());
         // Parts are length-prefixed: moving a byte between them changes the name.
         let mut moved = plane("/v1/keys", "1s");
         moved.cluster.push('c');

@@ -366,3 +366,21 @@ def test_two_filters_in_one_vm_keep_their_own_control_plane_lists(start_envoy) -
         assert vm_reloads(envoy) == 0
     finally:
         cp.stop()
+
+
+def test_a_reload_that_changes_only_timings_keeps_serving_the_list(start_envoy) -> None:
+    """The published list is named after its cluster, authority and path, so a
+    new configuration with other timings finds it at once: no cold start,
+    even with the control plane down."""
+    cp = FakeControlPlane().start()
+    key = harness.new_key("cp_")
+    cp.keys = [harness.key_entry("k1", key)]
+    try:
+        envoy = start_envoy(cp_config(), cp.port, dynamic_listener=True)
+        assert wait_status(envoy, key, 200), "list never applied"
+        cp.mode = "http500"
+        envoy.reconfigure(cp_config(poll_interval="300ms", max_staleness="10m"))
+        assert get(envoy, key).status == 200
+        assert get(envoy, harness.new_key("cp_")).status == 401
+    finally:
+        cp.stop()
