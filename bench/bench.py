@@ -907,13 +907,10 @@ def host_call_costs(s: Settings, workdir: Path, envoy_bin: Path, probe_wasm: Pat
         bench.extra_headers = [(f"x-probe-{i}", "v") for i in range(CALLS_PER_REQUEST)]
         cells = [Cell(k, "direct", "allowed", "h1") for k in kinds]
         bench.run(cells)
-        by_round: dict[str, dict[int, float]] = {
-            c.config: {r["round"]: r["us_per_req"] for r in rs if not r["busy"] and r["us_per_req"] is not None}
-            for c, rs in bench.samples.items()
-        }
-        out: dict[str, Any] = {"floor_us_per_req": med(list(by_round["nothing"].values())), "per_call_us": {}}
+        per_round = {c.config: by_round(rs, "us_per_req") for c, rs in bench.samples.items()}
+        out: dict[str, Any] = {"floor_us_per_req": med(list(per_round["nothing"].values())), "per_call_us": {}}
         for kind in HOST_CALLS:
-            diffs = [(by_round[kind][r] - by_round["nothing"][r]) / CALLS_PER_REQUEST for r in by_round[kind] if r in by_round["nothing"]]
+            diffs = [(per_round[kind][r] - per_round["nothing"][r]) / CALLS_PER_REQUEST for r in per_round[kind] if r in per_round["nothing"]]
             out["per_call_us"][kind] = med(diffs)
         return out
     finally:
@@ -1160,15 +1157,16 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def by_round(raw: list[dict], field: str) -> dict[int, float]:
+    """The clean samples' `field`, by round."""
+    return {r["round"]: r[field] for r in raw if not r["busy"] and r.get(field) is not None}
+
+
 def paired_ratio(raw: list[dict], ref_raw: list[dict], field: str = "us_per_req") -> Optional[float]:
     """Median over rounds of (this cell's sample / the reference's sample of
     the same round), clean samples only: slow drift of the machine between
     rounds cancels out."""
-
-    def by_round(rs: list[dict]) -> dict[int, float]:
-        return {r["round"]: r[field] for r in rs if not r["busy"] and r.get(field) is not None}
-
-    a, b = by_round(raw), by_round(ref_raw)
+    a, b = by_round(raw, field), by_round(ref_raw, field)
     ratios = [a[k] / b[k] for k in a if k in b and b[k]]
     return statistics.median(ratios) if ratios else None
 
@@ -1177,11 +1175,7 @@ def paired_difference(raw: list[dict], ref_raw: list[dict], field: str = "us_per
     """Median over rounds of (this cell's sample - the reference's sample of
     the same round), clean samples only: what the cell adds to the reference,
     with the machine's drift between rounds taken out."""
-
-    def by_round(rs: list[dict]) -> dict[int, float]:
-        return {r["round"]: r[field] for r in rs if not r["busy"] and r.get(field) is not None}
-
-    a, b = by_round(raw), by_round(ref_raw)
+    a, b = by_round(raw, field), by_round(ref_raw, field)
     diffs = [a[k] - b[k] for k in a if k in b]
     return statistics.median(diffs) if diffs else None
 

@@ -13,8 +13,8 @@ use keygate_core::Policy;
 
 use crate::abi::{self, Level};
 
-/// Shared-data keys of one control plane: keygate filters polling other
-/// control planes in the same VM have their own (see [`ControlPlane::shared_name`]).
+/// Shared-data keys of one control-plane list: keygate filters in the same VM
+/// polling other lists have their own (see [`ControlPlane::shared_name`]).
 #[derive(Debug, PartialEq, Eq)]
 struct SharedKeys {
     lease: String,
