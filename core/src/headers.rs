@@ -51,13 +51,7 @@ impl<'a> HeaderMap<'a> {
         if sizes_end > buf.len() {
             return None;
         }
-        let mut walk = WireIter {
-            buf,
-            count,
-            n: 0,
-            pos: sizes_end,
-            broken: false,
-        };
+        let mut walk = WireIter::new(buf, count);
         for _ in walk.by_ref() {}
         if walk.broken {
             return None;
@@ -70,16 +64,7 @@ impl<'a> HeaderMap<'a> {
     /// All entries, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
         let (wire, pairs) = match &self.entries {
-            Entries::Wire { buf, count } => (
-                Some(WireIter {
-                    buf,
-                    count: *count,
-                    n: 0,
-                    pos: 4 + count * 8,
-                    broken: false,
-                }),
-                None,
-            ),
+            Entries::Wire { buf, count } => (Some(WireIter::new(buf, *count)), None),
             Entries::Pairs(p) => (None, Some(p.iter().copied())),
         };
         wire.into_iter()
@@ -140,6 +125,18 @@ impl<'a> Iterator for WireIter<'a> {
 }
 
 impl<'a> WireIter<'a> {
+    /// A walk from the first entry; `count` must fit `buf`'s size table
+    /// (checked by [`HeaderMap::decode`]).
+    fn new(buf: &'a [u8], count: usize) -> Self {
+        WireIter {
+            buf,
+            count,
+            n: 0,
+            pos: 4 + count * 8,
+            broken: false,
+        }
+    }
+
     fn entry(&mut self) -> Option<(&'a [u8], &'a [u8])> {
         let sizes = 4 + self.n * 8;
         let name_len = read_u32(self.buf, sizes)? as usize;
