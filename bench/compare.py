@@ -13,6 +13,10 @@ keygate, such as the bench's empty filter
 allowed path is measured, so that keygate's cost above the floor every wasm
 filter pays comes from one interleaved run.
 
+With `--proxied`, every build's allowed path is also measured on the proxied
+route (`/proxy`, forwarded to a trivial upstream Envoy on the load core, as in
+bench.py), where the filter also sees the upstream's response.
+
 Each build runs in its own Envoy (`--concurrency 1`, pinned like bench.py), all
 started before measuring. The measuring is bench.py's own (`Bench`): rounds
 interleave the builds with the order rotated, each sample follows a one-second
@@ -78,6 +82,7 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=2, help="seconds per sample")
     ap.add_argument("--busy-threshold", type=float, default=20.0, help="drop samples while others use more than this %% of a core")
     ap.add_argument("--envoy", type=Path, default=None, help="Envoy binary (default: the project venv's)")
+    ap.add_argument("--proxied", action="store_true", help="also measure the allowed path on the proxied route (/proxy, to a trivial upstream)")
     args = ap.parse_args()
     if len(args.wasm) < 2:
         ap.error("give at least two builds")
@@ -112,11 +117,17 @@ def main() -> int:
         retries=1,
     )
     envoys: dict[str, b.Envoy] = {}
+    upstream: b.Envoy | None = None
     with tempfile.TemporaryDirectory() as tmp:
         try:
+            up_port = None
+            if args.proxied:
+                up_port, up_admin = b.free_ports(2)
+                upstream = b.Envoy("upstream", b.upstream_bootstrap(up_port, up_admin), Path(tmp), envoy_bin, cpus=b.UPSTREAM_CORE, port=up_port, admin_port=up_admin)
+                upstream.start()
             for n, (wasm, variant) in builds.items():
                 config = variant_config(variant, allowed, limited)
-                e = b.new_envoy(f"build{len(envoys)}", [b.wasm_filter("keygate", "keygate", wasm, config)], Path(tmp), envoy_bin, None)
+                e = b.new_envoy(f"build{len(envoys)}", [b.wasm_filter("keygate", "keygate", wasm, config)], Path(tmp), envoy_bin, up_port)
                 e.start()
                 envoys[n] = e
                 b.http_status(e.port, "/direct", limited)  # spends the limited key's only token
@@ -125,13 +136,23 @@ def main() -> int:
                     if got != expected[p]:
                         print(f"{n}: {p} path answered {got}, expected {expected[p]}", file=sys.stderr)
                         return 2
-            bench = b.Bench(settings, envoys, None, paths, "wrk", "h2load")
-            bench.run([b.Cell(n, "direct", p, "h1") for n in builds for p in measured(builds[n][1])])
+                if args.proxied and b.http_status(e.port, "/proxy", allowed) != 200:
+                    print(f"{n}: the proxied route did not answer 200", file=sys.stderr)
+                    return 2
+            bench = b.Bench(settings, envoys, upstream, paths, "wrk", "h2load")
+            cells = [b.Cell(n, "direct", p, "h1") for n in builds for p in measured(builds[n][1])]
+            if args.proxied:
+                cells += [b.Cell(n, "proxy", "allowed", "h1") for n in builds]
+            bench.run(cells)
         finally:
             for e in envoys.values():
                 e.stop()
-    summary = {(c.config, c.path): row for c, row in b.summarize(bench.samples).items()}
-    med = {k: row["us_per_req"] for k, row in summary.items()}
+            if upstream is not None:
+                upstream.stop()
+    summary = b.summarize(bench.samples)
+    med = {(c.config, c.path if c.route == "direct" else "proxied"): row["us_per_req"] for c, row in summary.items()}
+    if args.proxied:
+        paths["proxied"] = allowed
     first = next(iter(builds))
 
     def cell(n: str, p: str) -> str:

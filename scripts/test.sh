@@ -74,8 +74,9 @@ envoy_bin() {
   "$KEYGATE_VENV/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))'
 }
 
-# wasm-opt (binaryen) shrinks the module by about a fifth. Installed from
-# Debian when missing and possible; without it the build is still usable.
+# binaryen: wasm-metadce drops the exports keygate does not use and wasm-opt
+# shrinks the module by about a fifth. Installed from Debian when missing and
+# possible; without it the build is still usable, only larger and slower.
 ensure_wasm_opt() {
   command -v wasm-opt >/dev/null && return 0
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
@@ -90,9 +91,32 @@ ensure_wasm_opt() {
 WASM_OPT_FEATURES=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
   --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types)
 
+# Drops the exports src/exports.txt does not list (binaryen's wasm-metadce):
+# Envoy then never calls into the VM for them.
+trim_exports() {
+  local graph="$KEYGATE_WASM.exports.json" sep="" name
+  {
+    printf '['
+    while read -r name; do
+      [[ -z "$name" || "$name" == \#* ]] && continue
+      printf '%s{"name": "export %s", "root": true, "export": "%s"}' "$sep" "$name" "$name"
+      sep=", "
+    done <"$KEYGATE_ROOT/src/exports.txt"
+    printf ']\n'
+  } >"$graph"
+  wasm-metadce "${WASM_OPT_FEATURES[@]}" "$KEYGATE_WASM" --graph-file "$graph" -o "$KEYGATE_WASM.trim" >/dev/null \
+    && mv "$KEYGATE_WASM.trim" "$KEYGATE_WASM"
+  rm -f "$graph"
+}
+
 build_wasm() {
   (cd "$KEYGATE_ROOT" && cargo build --release --target wasm32-wasip1 -p keygate)
   [[ -f "$KEYGATE_WASM" ]] || die "build succeeded but $KEYGATE_WASM is missing"
+  if command -v wasm-metadce >/dev/null; then
+    trim_exports
+  else
+    echo "note: wasm-metadce not found; keygate.wasm keeps every SDK export (Envoy then calls it on responses too)"
+  fi
   if command -v wasm-opt >/dev/null; then
     wasm-opt -Oz "${WASM_OPT_FEATURES[@]}" "$KEYGATE_WASM" -o "$KEYGATE_WASM.opt" \
       && mv "$KEYGATE_WASM.opt" "$KEYGATE_WASM"
