@@ -98,3 +98,19 @@ def test_entries_within_their_keep_period_are_adopted_after_a_reload(envoy_fn):
     one_key = re.findall(r"configuration loaded: 1 keys, (compiled|adopted)", envoy.log_text())
     assert one_key.count("compiled") == 1, one_key
     assert one_key.count("adopted") >= 3, one_key
+
+
+def test_counts_made_just_before_a_reload_are_not_lost(envoy_fn):
+    """Each VM hands its counts to Envoy once a second; a root context that
+    goes away (here: its filter chain replaced and drained at once) hands
+    over what it counted since its last second, so a reload loses no count."""
+    envoy = envoy_fn(CONFIG_B, dynamic_listener=True, drain_time_s=0)
+    time.sleep(1.2)  # the start-up check's counts arrive first
+    before = envoy.counter("keygate.allowed")
+    for _ in range(7):
+        assert status(envoy, K2) == 200
+    envoy.reconfigure(CONFIG_A)  # within the same second, most of the time
+    assert status(envoy, K2) == 401
+    assert wait_until(lambda: envoy.counter("keygate.allowed") - before == 7, timeout=5), envoy.counter(
+        "keygate.allowed"
+    ) - before
