@@ -1391,6 +1391,9 @@ mod tests {
             ) -> Result<bool, ratelimit::StoreError> {
                 Err(ratelimit::StoreError)
             }
+            fn create(&self, _: &str, _: &[u8]) -> Result<bool, ratelimit::StoreError> {
+                Err(ratelimit::StoreError)
+            }
         }
         let json = format!(
             r#"{{"rate_limit":{{"requests_per_second":1,"burst":2}},

@@ -107,6 +107,10 @@ pub trait CounterStore {
     /// Writes `value` if `cas` still matches; `cas = None` writes unconditionally.
     /// Returns false on a CAS mismatch.
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
+    /// Writes `value` only if `key` holds nothing yet. Returns false if it
+    /// exists: of two VMs creating one bucket, the first wins and the second
+    /// cannot reset what the first one has taken since.
+    fn create(&self, key: &str, value: &[u8]) -> Result<bool, StoreError>;
 }
 
 /// The store failed for a reason other than a CAS mismatch.
@@ -143,9 +147,17 @@ pub fn take_shared(
     for _ in 0..MAX_CAS_RETRIES {
         let (tat, cas) = match store.get(key) {
             Ok(Some((bytes, Some(cas)))) => (decode_tat(&bytes), cas),
-            Ok(_) => {
-                // Never written: create the full-bucket state (every racer
-                // writes the same bytes), then decide under CAS.
+            Ok(None) => {
+                // Never written: create the full-bucket state unless another
+                // VM just did, then decide under CAS.
+                store
+                    .create(key, &encode_tat(0))
+                    .map_err(|_| TakeError::Store)?;
+                continue;
+            }
+            Ok(Some((_, None))) => {
+                // A value without a version (no host gives one): replace it
+                // so that the next read has one.
                 store
                     .set(key, &encode_tat(0), None)
                     .map_err(|_| TakeError::Store)?;
@@ -171,7 +183,8 @@ pub fn take_shared(
 pub fn ensure_bucket(store: &dyn CounterStore, key: &str) -> Result<(), StoreError> {
     match store.get(key)? {
         Some((bytes, Some(_))) if bytes.len() == 8 => Ok(()),
-        _ => store.set(key, &encode_tat(0), None).map(|_| ()),
+        None => store.create(key, &encode_tat(0)).map(|_| ()),
+        Some(_) => store.set(key, &encode_tat(0), None).map(|_| ()),
     }
 }
 
@@ -179,8 +192,55 @@ pub fn ensure_bucket(store: &dyn CounterStore, key: &str) -> Result<(), StoreErr
 mod tests {
     use super::*;
     use crate::testing::MemStore;
+    use std::cell::Cell;
 
     const S: u64 = NANOS;
+
+    /// A store that lets a rival VM run in the gap after this VM's first
+    /// read found no bucket: the rival creates the bucket and takes a token.
+    struct RivalInTheGap<'a> {
+        inner: &'a MemStore,
+        limit: Limit,
+        now: u64,
+        raced: Cell<bool>,
+    }
+
+    impl CounterStore for RivalInTheGap<'_> {
+        fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+            if !self.raced.replace(true) {
+                let rival = take_shared(self.inner, key, &self.limit, self.now);
+                assert!(
+                    rival.is_ok_and(|o| o.allowed),
+                    "the rival takes the only token"
+                );
+                return Ok(None);
+            }
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+            self.inner.set(key, value, cas)
+        }
+        fn create(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+            self.inner.create(key, value)
+        }
+    }
+
+    #[test]
+    fn a_bucket_created_by_a_rival_in_the_gap_keeps_its_token() {
+        let store = MemStore::default();
+        let racing = RivalInTheGap {
+            inner: &store,
+            limit: Limit::new(1.0, 1),
+            now: 100 * S,
+            raced: Cell::new(false),
+        };
+        let ours = take_shared(&racing, "k", &racing.limit, racing.now).unwrap();
+        assert!(
+            !ours.allowed,
+            "burst 1 and the rival took it: this one must wait"
+        );
+        assert_eq!(ours.info.retry_after_secs, 1);
+    }
 
     #[test]
     fn burst_then_refill() {

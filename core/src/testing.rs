@@ -22,14 +22,29 @@ impl CounterStore for MemStore {
         Ok(m.get(key).map(|(v, c)| (v.clone(), Some(*c))))
     }
 
+    /// Like Envoy's shared data: a CAS only guards a key that exists.
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
         let mut m = self.map.lock().map_err(|_| StoreError)?;
-        let entry = m.entry(key.to_string()).or_insert((Vec::new(), 0));
-        if cas.is_some_and(|c| c != entry.1) {
+        match m.get_mut(key) {
+            Some(entry) if cas.is_some_and(|c| c != entry.1) => Ok(false),
+            Some(entry) => {
+                entry.0 = value.to_vec();
+                entry.1 += 1;
+                Ok(true)
+            }
+            None => {
+                m.insert(key.to_string(), (value.to_vec(), 1));
+                Ok(true)
+            }
+        }
+    }
+
+    fn create(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let mut m = self.map.lock().map_err(|_| StoreError)?;
+        if m.contains_key(key) {
             return Ok(false);
         }
-        entry.0 = value.to_vec();
-        entry.1 += 1;
+        m.insert(key.to_string(), (value.to_vec(), 1));
         Ok(true)
     }
 }

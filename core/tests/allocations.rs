@@ -60,6 +60,12 @@ impl CounterStore for OneBucket {
         self.state.set(Some((bytes, current.unwrap_or(0) + 1)));
         Ok(true)
     }
+    fn create(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        if self.state.get().is_some() {
+            return Ok(false);
+        }
+        self.set(key, value, None)
+    }
 }
 
 struct TestHost {

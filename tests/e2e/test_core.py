@@ -6,6 +6,7 @@ request uses a fresh path so the backend's record can be searched for it.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -503,10 +504,18 @@ def _worker_cx(envoy: Envoy) -> dict[str, int]:
     return out
 
 
-def test_rate_limit_holds_across_workers(envoy_factory, backend):
+@pytest.mark.parametrize(
+    "filler",
+    [0, 10_000],
+    ids=["buckets-made-at-configure", "buckets-made-on-first-use"],
+)
+def test_rate_limit_holds_across_workers(envoy_factory, backend, filler):
+    # Up to 10,000 keys, every bucket exists before traffic; beyond, a bucket
+    # is created by the first request of its key, on whichever worker.
+    fillers = [{"id": f"filler-{i}", "sha256": os.urandom(32).hex()} for i in range(filler)]
     envoy = envoy_factory(
         {
-            "keys": [key_entry("hammer", HAMMER_KEY)],
+            "keys": [key_entry("hammer", HAMMER_KEY)] + fillers,
             # the default limit applies to keys without their own
             "rate_limit": {"requests_per_second": HAMMER_RPS, "burst": HAMMER_BURST},
         },
