@@ -90,6 +90,13 @@ main_bench() {
   (cd "$KEYGATE_ROOT" && cargo build --release -p keygate-cli)
   echo "keygate.wasm: $(wasm_size) bytes; empty filter: $(wc -c <"$BENCH_EMPTY_WASM" | tr -d ' ') bytes"
 
+  # keygate's own code per request, without Envoy or any host call: the part
+  # of the cost that is not the floor or the host's (also in target/bench/).
+  step "keygate's decision, native (core/examples/decide.rs)"
+  mkdir -p "$KEYGATE_ROOT/target/bench"
+  (cd "$KEYGATE_ROOT" && cargo run -q --release -p keygate-core --example decide) \
+    | tee "$KEYGATE_ROOT/target/bench/native-decide.txt"
+
   step "benchmark"
   trap on_signal INT TERM HUP
   BENCH_ENVOY="$(envoy_bin)" \
