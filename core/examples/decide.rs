@@ -14,10 +14,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use keygate_core::headers::{encode, HeaderMap};
+use keygate_core::headers::HeaderMap;
 use keygate_core::keys::digest;
 use keygate_core::policy::Decision;
-use keygate_core::testing::FakeHost;
+use keygate_core::testing::{get_request_wire, FakeHost};
 use keygate_core::Policy;
 
 const ROUNDS: u32 = 1_000_000;
@@ -44,7 +44,7 @@ fn main() -> Result<(), String> {
         ("allowed, limited", Some(LIMITED)),
         ("401, no key", None),
     ] {
-        let wire = request(key);
+        let wire = get_request_wire(key.map(str::as_bytes));
         let started = Instant::now();
         let mut allowed = 0u32;
         for _ in 0..ROUNDS {
@@ -58,22 +58,6 @@ fn main() -> Result<(), String> {
 
 fn sha(key: &str) -> String {
     hex::encode(digest(key.as_bytes()))
-}
-
-/// The header map Envoy hands the filter for `wrk` with one `x-api-key`.
-fn request(key: Option<&str>) -> Vec<u8> {
-    let mut pairs: Vec<(&[u8], &[u8])> = vec![
-        (b":authority", b"127.0.0.1:10000"),
-        (b":path", b"/direct"),
-        (b":method", b"GET"),
-        (b":scheme", b"http"),
-        (b"x-forwarded-proto", b"http"),
-        (b"x-request-id", b"6f1c3b9e-8d2a-4f5e-9b7c-1a2b3c4d5e6f"),
-    ];
-    if let Some(k) = key {
-        pairs.push((b"x-api-key", k.as_bytes()));
-    }
-    encode(&pairs)
 }
 
 /// Decodes, decides and walks the edits as the filter does; true if allowed.

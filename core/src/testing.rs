@@ -1,11 +1,13 @@
 //! Fakes of the host for tests: an in-memory CAS store with Envoy's shared-data
-//! semantics and a [`Host`] with settable clocks and address.
+//! semantics, a [`Host`] with settable clocks and address, and the header map
+//! of a typical request.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
+use crate::headers::encode;
 use crate::policy::Host;
 use crate::ratelimit::{CounterStore, StoreError, Versioned};
 
@@ -105,4 +107,22 @@ impl Host for FakeHost {
     fn counters(&self) -> &dyn CounterStore {
         &self.store
     }
+}
+
+/// The serialized header map Envoy hands the filter for a plain `GET` from a
+/// load generator such as `wrk`, with `key` in `x-api-key` if given.
+pub fn get_request_wire(key: Option<&[u8]>) -> Vec<u8> {
+    let mut pairs: Vec<(&[u8], &[u8])> = vec![
+        (b":authority", b"127.0.0.1:10000"),
+        (b":path", b"/direct"),
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b"user-agent", b"wrk"),
+        (b"x-forwarded-proto", b"http"),
+        (b"x-request-id", b"6f1c3b9e-8d2a-4f5e-9b7c-1a2b3c4d5e6f"),
+    ];
+    if let Some(k) = key {
+        pairs.push((b"x-api-key", k));
+    }
+    encode(&pairs)
 }

@@ -7,10 +7,11 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use keygate_core::headers::{encode, HeaderMap};
+use keygate_core::headers::HeaderMap;
 use keygate_core::keys::digest;
 use keygate_core::policy::{Decision, Host};
 use keygate_core::ratelimit::{CounterStore, StoreError, Versioned};
+use keygate_core::testing::get_request_wire;
 use keygate_core::Policy;
 
 /// Counts allocations made by the current thread.
@@ -115,15 +116,7 @@ fn allowed_request(policy: &Policy, wire: &[u8], host: &TestHost) -> usize {
 }
 
 fn wire(key: &str) -> Vec<u8> {
-    encode(&[
-        (b":authority", b"api.example"),
-        (b":path", b"/v1/items?page=2"),
-        (b":method", b"GET"),
-        (b":scheme", b"http"),
-        (b"user-agent", b"test"),
-        (b"accept", b"*/*"),
-        (b"x-api-key", key.as_bytes()),
-    ])
+    get_request_wire(Some(key.as_bytes()))
 }
 
 #[test]
