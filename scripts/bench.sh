@@ -81,7 +81,7 @@ main_bench() {
   ensure_load_tools
   ensure_rust
   ensure_venv
-  ensure_wasm_opt
+  ensure_binaryen
 
   step "build: keygate.wasm (release), the empty filter, the keygate CLI"
   build_wasm

@@ -101,7 +101,7 @@ cd "$KEYGATE_ROOT"
 step "setup: rust target, .venv"
 ensure_rust
 ensure_venv
-ensure_wasm_opt
+ensure_binaryen
 command -v curl >/dev/null || die "curl not found (Debian/Ubuntu: apt-get install curl)"
 
 if [[ "$BUILD" == 1 ]]; then

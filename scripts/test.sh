@@ -3,8 +3,8 @@
 #
 #   bash scripts/test.sh [pytest args...]
 #
-# Installs what is missing (the wasm32-wasip1 Rust target; a project-local
-# .venv with Envoy, pytest and httpx), then: rustfmt, clippy (native and
+# Installs what is missing (the wasm32-wasip1 Rust target; binaryen from
+# Debian; a project-local .venv with Envoy, pytest and httpx), then: rustfmt, clippy (native and
 # wasm), the Rust unit tests, the release wasm build, and the end-to-end
 # suite under tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
 #
@@ -74,15 +74,19 @@ envoy_bin() {
   "$KEYGATE_VENV/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))'
 }
 
-# binaryen: wasm-metadce drops the exports keygate does not use and wasm-opt
-# shrinks the module by about a fifth. Installed from Debian when missing and
-# possible; without it the build is still usable, only larger and slower.
-ensure_wasm_opt() {
-  command -v wasm-opt >/dev/null && return 0
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq binaryen >/dev/null || true
+# binaryen: wasm-metadce drops the exports keygate does not use (Envoy then
+# never calls into the VM for them) and wasm-opt shrinks the module by about
+# a fifth. Installed from Debian when missing; the build needs both, so that
+# every keygate.wasm it makes is the one the tests and the benchmark measured.
+ensure_binaryen() {
+  command -v wasm-opt >/dev/null && command -v wasm-metadce >/dev/null && return 0
+  if command -v apt-get >/dev/null; then
+    local sudo=()
+    [[ $(id -u) == 0 ]] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq binaryen >/dev/null || true
   fi
-  command -v wasm-opt >/dev/null || echo "note: wasm-opt not found; keygate.wasm is not size-optimised"
+  command -v wasm-opt >/dev/null && command -v wasm-metadce >/dev/null \
+    || die "binaryen (wasm-opt, wasm-metadce) not found: install it (Debian/Ubuntu: apt-get install binaryen)"
 }
 
 # Only the features rustc emits for wasm32-wasip1: binaryen's
@@ -105,22 +109,17 @@ trim_exports() {
     printf ']\n'
   } >"$graph"
   wasm-metadce "${WASM_OPT_FEATURES[@]}" "$KEYGATE_WASM" --graph-file "$graph" -o "$KEYGATE_WASM.trim" >/dev/null \
-    && mv "$KEYGATE_WASM.trim" "$KEYGATE_WASM"
+    || die "wasm-metadce could not trim $KEYGATE_WASM"
+  mv "$KEYGATE_WASM.trim" "$KEYGATE_WASM"
   rm -f "$graph"
 }
 
 build_wasm() {
   (cd "$KEYGATE_ROOT" && cargo build --release --target wasm32-wasip1 -p keygate)
   [[ -f "$KEYGATE_WASM" ]] || die "build succeeded but $KEYGATE_WASM is missing"
-  if command -v wasm-metadce >/dev/null; then
-    trim_exports
-  else
-    echo "note: wasm-metadce not found; keygate.wasm keeps every SDK export (Envoy then calls it on responses too)"
-  fi
-  if command -v wasm-opt >/dev/null; then
-    wasm-opt -Oz "${WASM_OPT_FEATURES[@]}" "$KEYGATE_WASM" -o "$KEYGATE_WASM.opt" \
-      && mv "$KEYGATE_WASM.opt" "$KEYGATE_WASM"
-  fi
+  trim_exports
+  wasm-opt -Oz "${WASM_OPT_FEATURES[@]}" "$KEYGATE_WASM" -o "$KEYGATE_WASM.opt"
+  mv "$KEYGATE_WASM.opt" "$KEYGATE_WASM"
 }
 
 wasm_size() {
@@ -133,7 +132,7 @@ main() {
   step "setup: rust target, .venv"
   ensure_rust
   ensure_venv
-  ensure_wasm_opt
+  ensure_binaryen
   echo "envoy: $("$(envoy_bin)" --version | grep -o 'version: .*' || true)"
 
   step "cargo fmt --check"
