@@ -882,6 +882,10 @@ HOST_CALLS = ["header_pairs", "shared_get", "shared_set", "clock", "replace_head
 CALLS_PER_REQUEST = 10
 
 
+# Configurations without an auth filter: measured on the allowed path only.
+NO_AUTH = ("baseline", "empty-wasm", "empty-trimmed")
+
+
 def host_call_costs(s: Settings, workdir: Path, envoy_bin: Path, probe_wasm: Path, wrk: str, h2load: str) -> dict:
     """Envoy CPU per call of each host function keygate uses on the request
     path: the probe filter makes 10 calls of one kind per request; the cost
@@ -954,7 +958,8 @@ def print_startup(sm: dict, header: bool = True) -> None:
     for k, v in sm.get("per_vm_rss_kb_control_plane", {}).items():
         print(f"    one more worker with {k} keys from the control plane: VmRSS c2 - c1 = {v / 1024:.1f} MiB")
     w = sm["wasm_bytes"]
-    print(f"  keygate.wasm (release): {w['keygate']} bytes; empty filter: {w['empty']} bytes")
+    trimmed = f" ({w['empty_trimmed']} with its exports trimmed)" if "empty_trimmed" in w else ""
+    print(f"  keygate.wasm (release): {w['keygate']} bytes; empty filter: {w['empty']} bytes{trimmed}")
 
 
 def probe_row(e: Envoy) -> dict:
@@ -1005,6 +1010,8 @@ def main() -> int:
     envoy_bin = Path(os.environ["BENCH_ENVOY"])
     keygate_wasm = Path(os.environ["BENCH_KEYGATE_WASM"])
     empty_wasm = Path(os.environ["BENCH_EMPTY_WASM"])
+    # Optional: the empty filter exporting only what keygate exports.
+    empty_trimmed = Path(os.environ["BENCH_EMPTY_TRIMMED_WASM"]) if os.environ.get("BENCH_EMPTY_TRIMMED_WASM") else None
     keygate_cli = Path(os.environ["BENCH_KEYGATE_CLI"])
     probe_wasm = Path(os.environ["BENCH_PROBE_WASM"])
     wrk = os.environ.get("BENCH_WRK", "wrk")
@@ -1076,6 +1083,10 @@ def main() -> int:
         defs: list[tuple[str, list[dict], int]] = [
             ("baseline", [], 1),
             ("empty-wasm", [wasm_filter("empty", "empty", empty_wasm, "")], 1),
+        ]
+        if empty_trimmed is not None:
+            defs.append(("empty-trimmed", [wasm_filter("empty", "empty", empty_trimmed, "")], 1))
+        defs += [
             ("native", native_filters(native_keys, ("bench-limited", limited_key)), 1),
             ("keygate-10", [wasm_filter("keygate", "keygate", keygate_wasm, kg10)], 1),
             ("keygate-100k", [wasm_filter("keygate", "keygate", keygate_wasm, kg100k)], 1),
@@ -1090,7 +1101,7 @@ def main() -> int:
         # -- functional checks ----------------------------------------------
         problems = []
         for name, e in envoys.items():
-            auth = name not in ("baseline", "empty-wasm")
+            auth = name not in NO_AUTH
             for route in ("direct", "proxy"):
                 got = http_status(e.port, f"/{route}", allowed_key)
                 if got != 200:
@@ -1112,7 +1123,7 @@ def main() -> int:
         # -- matrix -------------------------------------------------------
         cells: list[Cell] = []
         for name in envoys:
-            auth = name not in ("baseline", "empty-wasm")
+            auth = name not in NO_AUTH
             for route in ("direct", "proxy"):
                 cells += [Cell(name, route, "allowed", "h1"), Cell(name, route, "allowed", "h2"), Cell(name, route, "allowed", "c1")]
             if auth:  # denials never reach the upstream: the direct route suffices
@@ -1139,6 +1150,8 @@ def main() -> int:
         sm = build_summary(
             s, envoys, summary_cells, bench.dropped, probes, rss_end, keygate_wasm, empty_wasm, envoy_bin, load_start, time.monotonic() - t_begin
         )
+        if empty_trimmed is not None:
+            sm["wasm_bytes"]["empty_trimmed"] = empty_trimmed.stat().st_size
         sm["control_plane"] = cp_rows
         sm["host_calls"] = hc
         sm["per_vm_rss_kb_control_plane"] = per_vm_cp(cp_rows)

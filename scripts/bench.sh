@@ -24,6 +24,7 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/test.sh"
 
 BENCH_EMPTY_TARGET="$KEYGATE_ROOT/target/bench-empty"
 BENCH_EMPTY_WASM="$BENCH_EMPTY_TARGET/wasm32-wasip1/release/keygate_bench_empty.wasm"
+BENCH_EMPTY_TRIMMED_WASM="$BENCH_EMPTY_TARGET/keygate_bench_empty.trimmed.wasm"
 
 for arg in "$@"; do
   case "$arg" in
@@ -59,6 +60,10 @@ build_empty_filter() {
   (cd "$KEYGATE_ROOT" && cargo build --release --target wasm32-wasip1 \
     --manifest-path bench/empty-filter/Cargo.toml --target-dir "$BENCH_EMPTY_TARGET")
   [[ -f "$BENCH_EMPTY_WASM" ]] || die "build succeeded but $BENCH_EMPTY_WASM is missing"
+  # The same filter exporting only what a request-header filter needs, as
+  # keygate.wasm is built: the floor without the SDK's idle callbacks.
+  cp "$BENCH_EMPTY_WASM" "$BENCH_EMPTY_TRIMMED_WASM"
+  trim_exports "$BENCH_EMPTY_TRIMMED_WASM" "$KEYGATE_ROOT/bench/empty-filter/exports.txt"
 }
 
 BENCH_PID=""
@@ -102,6 +107,7 @@ main_bench() {
   BENCH_ENVOY="$(envoy_bin)" \
     BENCH_KEYGATE_WASM="$KEYGATE_WASM" \
     BENCH_EMPTY_WASM="$BENCH_EMPTY_WASM" \
+    BENCH_EMPTY_TRIMMED_WASM="$BENCH_EMPTY_TRIMMED_WASM" \
     BENCH_KEYGATE_CLI="$KEYGATE_ROOT/target/release/keygate" \
     BENCH_PROBE_WASM="$BENCH_PROBE_WASM" \
     BENCH_WRK="$(command -v wrk)" \

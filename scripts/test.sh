@@ -95,29 +95,31 @@ ensure_binaryen() {
 WASM_OPT_FEATURES=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
   --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types)
 
-# Drops the exports src/exports.txt does not list (binaryen's wasm-metadce):
-# Envoy then never calls into the VM for them.
+# trim_exports MODULE LIST: drops, in place, every export of MODULE that the
+# file LIST does not name (one per line, # comments), with binaryen's
+# wasm-metadce, and the code only those exports reached. Envoy then never
+# calls into the VM for them.
 trim_exports() {
-  local graph="$KEYGATE_WASM.exports.json" sep="" name
+  local wasm="$1" list="$2" graph="$1.exports.json" sep="" name
   {
     printf '['
     while read -r name; do
       [[ -z "$name" || "$name" == \#* ]] && continue
       printf '%s{"name": "export %s", "root": true, "export": "%s"}' "$sep" "$name" "$name"
       sep=", "
-    done <"$KEYGATE_ROOT/src/exports.txt"
+    done <"$list"
     printf ']\n'
   } >"$graph"
-  wasm-metadce "${WASM_OPT_FEATURES[@]}" "$KEYGATE_WASM" --graph-file "$graph" -o "$KEYGATE_WASM.trim" >/dev/null \
-    || die "wasm-metadce could not trim $KEYGATE_WASM"
-  mv "$KEYGATE_WASM.trim" "$KEYGATE_WASM"
+  wasm-metadce "${WASM_OPT_FEATURES[@]}" "$wasm" --graph-file "$graph" -o "$wasm.trim" >/dev/null \
+    || die "wasm-metadce could not trim $wasm"
+  mv "$wasm.trim" "$wasm"
   rm -f "$graph"
 }
 
 build_wasm() {
   (cd "$KEYGATE_ROOT" && cargo build --release --target wasm32-wasip1 -p keygate)
   [[ -f "$KEYGATE_WASM" ]] || die "build succeeded but $KEYGATE_WASM is missing"
-  trim_exports
+  trim_exports "$KEYGATE_WASM" "$KEYGATE_ROOT/src/exports.txt"
   wasm-opt -Oz "${WASM_OPT_FEATURES[@]}" "$KEYGATE_WASM" -o "$KEYGATE_WASM.opt"
   mv "$KEYGATE_WASM.opt" "$KEYGATE_WASM"
 }
