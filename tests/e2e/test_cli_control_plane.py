@@ -136,7 +136,12 @@ def test_revocation_reaches_every_worker_within_seconds(served, start_envoy) -> 
         f"connections per worker {per_worker}): p50 {p50:.2f}s p99 {p99:.2f}s max {latencies[-1]:.2f}s"
     )
     assert len([w for w, n in per_worker.items() if n > 0]) == 2, per_worker
-    assert p99 <= 2.0, latencies
+    # The worst case adds up: serve's file check (0.2 s), the 1 s poll, the
+    # tick the fetch waits for and the other worker's adopting tick (0.25 s
+    # each), plus the CLI, the fetch and compiling. One missed poll cycle
+    # would move the median past 1.5 s.
+    assert p50 <= 1.5, latencies
+    assert latencies[-1] <= 2.5, latencies
     # A revoked key stays revoked, the seed key is unaffected.
     assert envoy.request("GET", "/", [harness.xkey(seed)]).status == 200
 
