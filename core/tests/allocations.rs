@@ -115,34 +115,31 @@ fn allowed_request(policy: &Policy, wire: &[u8], host: &TestHost) -> usize {
     edits.identity.map_or(0, |(_, id)| id.len())
 }
 
-fn wire(key: &str) -> Vec<u8> {
-    get_request_wire(Some(key.as_bytes()))
-}
-
-#[test]
-fn an_allowed_request_without_a_limit_allocates_nothing() {
+/// Decides one request for `key` after a first one (the warm-up, which also
+/// creates a limited key's bucket); returns the identity's length and the
+/// allocations the second request made.
+fn second_request_allocations(key: &str) -> (usize, usize) {
     let policy = policy();
     let host = TestHost {
         bucket: OneBucket::default(),
     };
-    let wire = wire(FREE);
-    allowed_request(&policy, &wire, &host); // warm-up
+    let wire = get_request_wire(Some(key.as_bytes()));
+    allowed_request(&policy, &wire, &host);
     let mut identity = 0;
     let n = allocations_during(|| identity = allowed_request(&policy, &wire, &host));
+    (identity, n)
+}
+
+#[test]
+fn an_allowed_request_without_a_limit_allocates_nothing() {
+    let (identity, n) = second_request_allocations(FREE);
     assert_eq!(identity, "free".len());
     assert_eq!(n, 0, "allocations on the allowed path");
 }
 
 #[test]
 fn an_allowed_limited_request_allocates_only_the_bucket_copy() {
-    let policy = policy();
-    let host = TestHost {
-        bucket: OneBucket::default(),
-    };
-    let wire = wire(METERED);
-    allowed_request(&policy, &wire, &host); // creates the bucket
-    let mut identity = 0;
-    let n = allocations_during(|| identity = allowed_request(&policy, &wire, &host));
+    let (identity, n) = second_request_allocations(METERED);
     assert_eq!(identity, "metered".len());
     assert_eq!(n, 1, "allocations on the allowed path with a limit");
 }
