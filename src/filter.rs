@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use keygate_core::headers::HeaderMap;
-use keygate_core::keys::{BucketName, BUCKET_PREFIX};
+use keygate_core::keys::{BucketName, KEY_BUCKET_PREFIX};
 use keygate_core::policy::{parse_source_address, Allowed, Decision, Hold};
 use keygate_core::ratelimit::{ensure_bucket, CounterStore};
 use keygate_core::reply::{EncodedReply, ReplyBook};
@@ -101,7 +101,7 @@ impl RootContext for KeygateRoot {
                 .iter()
                 .filter(|k| policy.limit_of(k).is_some())
             {
-                let bucket = BucketName::new(BUCKET_PREFIX, key.id());
+                let bucket = BucketName::new(KEY_BUCKET_PREFIX, key.id());
                 let created =
                     bucket.is_some_and(|b| ensure_bucket(&SharedCounters, b.as_str()).is_ok());
                 if !created {

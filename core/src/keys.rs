@@ -41,8 +41,14 @@ pub fn parse_digest(hex_str: &str) -> Option<Digest> {
     Some(out)
 }
 
-/// Prefix of every bucket key in shared data.
+/// Prefix of every bucket key in shared data. A rule's bucket for a key is
+/// `keygate/rl/<rule>/<id>`.
 pub const BUCKET_PREFIX: &str = "keygate/rl/";
+
+/// Prefix of a key's own bucket, `keygate/rl//<id>`: the rule part is empty.
+/// Rule names are never empty and never contain '/', so no key id, whatever
+/// '/' it holds, can name a rule's bucket.
+pub const KEY_BUCKET_PREFIX: &str = "keygate/rl//";
 
 /// Longest key id (ids are 1-128 visible ASCII characters).
 pub const MAX_ID_LEN: usize = 128;
@@ -765,8 +771,8 @@ mod tests {
     #[test]
     fn bucket_names_are_built_without_allocation_limits_checked() {
         assert_eq!(
-            BucketName::new(BUCKET_PREFIX, "abc").unwrap().as_str(),
-            "keygate/rl/abc"
+            BucketName::new(KEY_BUCKET_PREFIX, "abc").unwrap().as_str(),
+            "keygate/rl//abc"
         );
         assert!(BucketName::new(BUCKET_PREFIX, &"x".repeat(300)).is_none());
     }

@@ -15,7 +15,7 @@ use crate::denial::{Denial, DenyCode, RateInfo};
 use crate::headers::HeaderMap;
 use crate::keys::{
     parse_digest, BucketName, Clash, Digest, KeyMeta, KeyRef, KeySet, KeyStore, KeyStoreBuilder,
-    Profile, BUCKET_PREFIX,
+    Profile, BUCKET_PREFIX, KEY_BUCKET_PREFIX,
 };
 use crate::ratelimit::{self, CounterStore, Limit, TakeError};
 use crate::rules::{
@@ -505,7 +505,7 @@ impl Policy {
             &self.limit_of(&key),
         ) {
             (Some((limit, prefix)), _) => take(host, prefix, key.id(), limit)?,
-            (None, Some(limit)) => take(host, BUCKET_PREFIX, key.id(), limit)?,
+            (None, Some(limit)) => take(host, KEY_BUCKET_PREFIX, key.id(), limit)?,
             (None, None) => None,
         };
         Ok(Allowed {
@@ -1430,6 +1430,35 @@ mod tests {
         assert_eq!(run(b"kb", &host), "allow");
         assert_eq!(run(b"kb", &host), "rate_limited");
         assert_eq!(run(b"ka", &BrokenHost(Broken)), "rate_limited");
+    }
+
+    #[test]
+    fn a_key_id_with_a_slash_does_not_share_a_rule_bucket() {
+        // Key "metered/b" has a limit of its own; rule "metered" limits key "b".
+        // Both buckets once were `keygate/rl/metered/b`.
+        let json = format!(
+            r#"{{"keys":[{{"id":"metered/b","sha256":"{}","rate_limit":{{"requests_per_second":0.01,"burst":1}}}},
+                        {{"id":"b","sha256":"{}"}}],
+                "rules":[{{"name":"metered","match":{{"path_prefix":"/metered/"}},"action":"require",
+                           "rate_limit":{{"requests_per_second":0.01,"burst":2}}}}]}}"#,
+            h("k-slash"),
+            h("k-b")
+        );
+        let p = Policy::from_json(json.as_bytes()).unwrap();
+        let host = FakeHost::default();
+        let run = |k: &[u8], path: &[u8]| match p.decide(
+            &HeaderMap::from_pairs(vec![(b"x-api-key", k), (b":path", path)]),
+            &host,
+        ) {
+            Decision::Allow(_) => "allow",
+            Decision::Deny(d) => d.code.as_str(),
+        };
+        assert_eq!(run(b"k-b", b"/metered/1"), "allow");
+        assert_eq!(run(b"k-b", b"/metered/2"), "allow");
+        assert_eq!(run(b"k-b", b"/metered/3"), "rate_limited");
+        // The rule's bucket for "b" is empty; the key "metered/b" still has its token.
+        assert_eq!(run(b"k-slash", b"/other"), "allow");
+        assert_eq!(run(b"k-slash", b"/other"), "rate_limited");
     }
 
     #[test]

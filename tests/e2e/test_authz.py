@@ -53,6 +53,8 @@ LIMITED = new_key("kz_limited_")  # own limit: burst 2, 0.01/s
 LIMITED_ATTACH = new_key("kz_limatt_")  # own limit: burst 1; campaigns c-17
 LIMITED_BODY = new_key("kz_limbody_")  # own limit: burst 2; campaigns c-17
 UNLIMITED = new_key("kz_unlimited_")  # no limit of its own
+SLASHED = new_key("kz_slashed_")  # id "metered/twin", own limit: burst 1
+TWIN = new_key("kz_twin_")  # id "twin", no limit of its own
 UNKNOWN = new_key("kz_unknown_")  # not configured
 
 SLOW = lambda burst: {"requests_per_second": 0.01, "burst": burst}  # noqa: E731
@@ -78,6 +80,8 @@ KEYS = [
     rec("limited-attach", LIMITED_ATTACH, rate_limit=SLOW(1), attachments={"campaigns": ["c-17"]}),
     rec("limited-body", LIMITED_BODY, rate_limit=SLOW(2), attachments={"campaigns": ["c-17"]}),
     rec("unlimited", UNLIMITED, attachments={"campaigns": ["c-17"]}),
+    rec("metered/twin", SLASHED, rate_limit=SLOW(1)),
+    rec("twin", TWIN),
 ]
 
 def attach(**source: str) -> dict:
@@ -500,6 +504,14 @@ def test_rule_rate_limit_has_its_own_bucket(authz, backend):
     # Another key has its own bucket on the same rule, even without a limit of its own.
     assert [get("/metered/", UNLIMITED).status for _ in range(4)] == [200, 200, 200, 429]
     assert [get("", UNLIMITED).status for _ in range(10)] == [200] * 10
+
+
+def test_a_key_id_with_a_slash_keeps_its_own_bucket(authz, backend):
+    """Rule `metered` keeps a bucket for key `twin`; the key `metered/twin` has
+    a limit of its own. Both were once named `keygate/rl/metered/twin`."""
+    assert [call(authz, "GET", uniq("/metered/"), TWIN).status for _ in range(4)] == [200, 200, 200, 429]
+    assert call(authz, "GET", unique_path(), SLASHED).status == 200
+    check_denial(call(authz, "GET", unique_path(), SLASHED), "rate_limited")
 
 
 def test_header_checks_do_not_spend_tokens(authz, backend):
