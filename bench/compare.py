@@ -17,12 +17,21 @@ With `--proxied`, every build's allowed path is also measured on the proxied
 route (`/proxy`, forwarded to a trivial upstream Envoy on the load core, as in
 bench.py), where the filter also sees the upstream's response.
 
-Each build runs in its own Envoy (`--concurrency 1`, pinned like bench.py), all
-started before measuring. The measuring is bench.py's own (`Bench`): rounds
-interleave the builds with the order rotated, each sample follows a one-second
-warm-up, and a sample taken while other processes kept the machine busy is
-dropped and retried once. Prints the median Envoy CPU µs per request for each
-build and path, and each build's difference from the first one. Differences below about 5 µs are inside this machine's noise.
+Each build runs in its own Envoy (`--concurrency 1`, pinned like bench.py). One
+Envoy process is not like another: the same module measured 31.5 and 37.9 µs in
+two Envoys over the same 9 rounds, and 2.0-2.5 µs apart over 15 rounds, most
+rounds the same way. Kept in one process for the whole run, a build carries its
+process's offset however many rounds are run. By default every build's Envoy is
+therefore started afresh each round (`--restart-every K`: each K rounds; 0:
+never), so that rounds are independent and more rounds narrow the median. That
+does not make the machine quieter: two copies of one module, restarted each
+round, still came out 2.7 µs apart on the allowed path over 12 rounds. The
+measuring is bench.py's own (`Bench`): rounds interleave the builds with the
+order rotated, each sample follows a one-second warm-up, and a sample taken
+while other processes kept the machine busy is dropped and retried once. Prints
+the median Envoy CPU µs per request for each build and path, and each build's
+difference from the first one. Differences below about 5 µs are inside this
+machine's noise.
 It reports figures only and never judges them.
 """
 
@@ -82,6 +91,8 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=2, help="seconds per sample")
     ap.add_argument("--busy-threshold", type=float, default=20.0, help="drop samples while others use more than this %% of a core")
     ap.add_argument("--envoy", type=Path, default=None, help="Envoy binary (default: the project venv's)")
+    ap.add_argument("--restart-every", type=int, default=1, metavar="K",
+                    help="start every build's Envoy afresh each K rounds (default 1; 0: one Envoy per build for the whole run)")
     ap.add_argument("--proxied", action="store_true", help="also measure the allowed path on the proxied route (/proxy, to a trivial upstream)")
     args = ap.parse_args()
     if len(args.wasm) < 2:
@@ -118,6 +129,33 @@ def main() -> int:
     )
     envoys: dict[str, b.Envoy] = {}
     upstream: b.Envoy | None = None
+    cells = [b.Cell(n, "direct", p, "h1") for n in builds for p in measured(builds[n][1])]
+    if args.proxied:
+        cells += [b.Cell(n, "proxy", "allowed", "h1") for n in builds]
+    bench = b.Bench(settings, envoys, upstream, paths, "wrk", "h2load")
+    block = args.restart_every or args.rounds
+
+    def start_all(tmp: Path, up_port: int | None) -> str | None:
+        """One Envoy per build, checked on every path; an error, or None."""
+        for n, (wasm, variant) in builds.items():
+            config = variant_config(variant, allowed, limited)
+            e = b.new_envoy(f"build{len(envoys)}", [b.wasm_filter("keygate", "keygate", wasm, config)], tmp, envoy_bin, up_port)
+            e.start()
+            envoys[n] = e
+            b.http_status(e.port, "/direct", limited)  # spends the limited key's only token
+            for p in measured(variant):
+                got = b.http_status(e.port, "/direct", paths[p])
+                if got != expected[p]:
+                    return f"{n}: {p} path answered {got}, expected {expected[p]}"
+            if args.proxied and b.http_status(e.port, "/proxy", allowed) != 200:
+                return f"{n}: the proxied route did not answer 200"
+        return None
+
+    def stop_all() -> None:
+        for e in envoys.values():
+            e.stop()
+        envoys.clear()
+
     with tempfile.TemporaryDirectory() as tmp:
         try:
             up_port = None
@@ -125,28 +163,16 @@ def main() -> int:
                 up_port, up_admin = b.free_ports(2)
                 upstream = b.Envoy("upstream", b.upstream_bootstrap(up_port, up_admin), Path(tmp), envoy_bin, cpus=b.UPSTREAM_CORE, port=up_port, admin_port=up_admin)
                 upstream.start()
-            for n, (wasm, variant) in builds.items():
-                config = variant_config(variant, allowed, limited)
-                e = b.new_envoy(f"build{len(envoys)}", [b.wasm_filter("keygate", "keygate", wasm, config)], Path(tmp), envoy_bin, up_port)
-                e.start()
-                envoys[n] = e
-                b.http_status(e.port, "/direct", limited)  # spends the limited key's only token
-                for p in measured(variant):
-                    got = b.http_status(e.port, "/direct", paths[p])
-                    if got != expected[p]:
-                        print(f"{n}: {p} path answered {got}, expected {expected[p]}", file=sys.stderr)
-                        return 2
-                if args.proxied and b.http_status(e.port, "/proxy", allowed) != 200:
-                    print(f"{n}: the proxied route did not answer 200", file=sys.stderr)
+                bench.upstream = upstream
+            for start in range(0, args.rounds, block):
+                error = start_all(Path(tmp), up_port)
+                if error:
+                    print(error, file=sys.stderr)
                     return 2
-            bench = b.Bench(settings, envoys, upstream, paths, "wrk", "h2load")
-            cells = [b.Cell(n, "direct", p, "h1") for n in builds for p in measured(builds[n][1])]
-            if args.proxied:
-                cells += [b.Cell(n, "proxy", "allowed", "h1") for n in builds]
-            bench.run(cells)
+                bench.run(cells, start, block)
+                stop_all()
         finally:
-            for e in envoys.values():
-                e.stop()
+            stop_all()
             if upstream is not None:
                 upstream.stop()
     summary = b.summarize(bench.samples)
