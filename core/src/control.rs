@@ -122,6 +122,21 @@ impl ControlPlane {
         let poll_ms = dur("poll_interval", &c.poll_interval, 100, 3_600_000);
         let timeout_ms = dur("timeout", &c.timeout, 10, 600_000);
         let max_staleness_ms = dur("max_staleness", &c.max_staleness, 1_000, 30 * 86_400_000);
+        // Shorter than one poll cycle, the list would go stale between every
+        // two polls (and with fail_closed, answer 503 most of the time).
+        if poll_ms > 0 && timeout_ms > 0 && max_staleness_ms > 0 {
+            let cycle = poll_ms + timeout_ms;
+            if max_staleness_ms <= cycle {
+                errors.push(ConfigError {
+                    field: "control_plane.max_staleness".into(),
+                    message: format!(
+                        "{:?} is not longer than poll_interval + timeout ({cycle} ms): \
+                         the list would go stale between two polls",
+                        c.max_staleness
+                    ),
+                });
+            }
+        }
         let mut need = |name: &str, ok: bool, msg: &str| {
             if !ok {
                 errors.push(ConfigError {
@@ -352,6 +367,41 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         let mut errors = Vec::new();
         ControlPlane::compile(&c, &mut errors).unwrap_or_else(|| panic!("{errors:?}"))
+    }
+
+    #[test]
+    fn max_staleness_must_outlast_one_poll_cycle() {
+        let compile = |extra: serde_json::Value| {
+            let mut v =
+                serde_json::json!({"cluster": "cp", "authority": "cp.local", "path": "/v1/keys"});
+            if let (Some(o), Some(x)) = (v.as_object_mut(), extra.as_object()) {
+                o.extend(x.clone());
+            }
+            let c: ControlPlaneConfig = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"));
+            let mut errors = Vec::new();
+            ControlPlane::compile(&c, &mut errors);
+            errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+        };
+        // One hour between polls against the default 5 minutes.
+        let e = compile(serde_json::json!({"poll_interval": "1h", "stale_policy": "fail_closed"}));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("control_plane.max_staleness: \"5m\" is not longer than poll_interval + timeout (3602000 ms)"), "{e:?}");
+        let e = compile(
+            serde_json::json!({"poll_interval": "1s", "timeout": "1s", "max_staleness": "2s"}),
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            compile(serde_json::json!({"poll_interval": "1h", "max_staleness": "2h"})).is_empty()
+        );
+        assert!(compile(
+            serde_json::json!({"poll_interval": "250ms", "timeout": "500ms", "max_staleness": "1s"})
+        )
+        .is_empty());
+        // A bad duration is reported once, not again as a short staleness.
+        assert_eq!(
+            compile(serde_json::json!({"poll_interval": "soon"})).len(),
+            1
+        );
     }
 
     #[test]

@@ -557,6 +557,10 @@ impl Policy {
                 DenyCode::MissingAttribute,
                 "attachment field absent from body",
             )),
+            BodyValue::Duplicate => Err(Denial::new(
+                DenyCode::AmbiguousAttribute,
+                "a field repeated in the JSON body",
+            )),
         }
     }
 
@@ -1038,6 +1042,25 @@ fn compile_meta(k: &KeyConfig, field: &str, errors: &mut Vec<ConfigError>) -> Ke
     }
 }
 
+/// `api.example.com`, `*.example.com` or `[2001:db8::1]`: what a request's
+/// host can equal once its port and trailing dot are removed. A pattern with
+/// a port or a trailing dot could never match, and a `deny` rule that never
+/// matches fails open.
+fn is_host_pattern(h: &str) -> bool {
+    if let Some(v6) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return !v6.is_empty() && v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 fn compile_rules(cfg: &Config, errors: &mut Vec<ConfigError>) -> Vec<Rule> {
     let mut names = HashSet::new();
     let mut rules = Vec::with_capacity(cfg.rules.len());
@@ -1075,13 +1098,11 @@ fn compile_rules(cfg: &Config, errors: &mut Vec<ConfigError>) -> Vec<Rule> {
                 ));
             }
         }
-        if m.host
-            .as_ref()
-            .is_some_and(|h| h.is_empty() || (h.contains('*') && !h.starts_with("*.")))
-        {
+        if m.host.as_ref().is_some_and(|h| !is_host_pattern(h)) {
             errors.push(err(
                 format!("{field}.match.host"),
-                "must be a host name or *.suffix",
+                "must be a host name (api.example.com), *.suffix or [IPv6], without port or \
+                 trailing dot: both are removed from :authority before it is compared",
             ));
         }
         let effect = match r.action {
@@ -1430,6 +1451,41 @@ mod tests {
         assert_eq!(run(b"kb", &host), "allow");
         assert_eq!(run(b"kb", &host), "rate_limited");
         assert_eq!(run(b"ka", &BrokenHost(Broken)), "rate_limited");
+    }
+
+    #[test]
+    fn host_patterns_that_could_never_match_are_refused() {
+        for good in [
+            "api.example.com",
+            "*.tenants.example.com",
+            "localhost",
+            "Admin.Example.COM",
+            "[2001:db8::1]",
+            "10.0.0.1",
+        ] {
+            assert!(is_host_pattern(good), "{good}");
+        }
+        for bad in [
+            "",
+            "admin.example.com:8443",
+            "admin.example.com.",
+            ".example.com",
+            "a..b",
+            "api.*.example.com",
+            "*",
+            "*.",
+            "exa mple.com",
+            "[::1]:80",
+            "[nothost]",
+            "example.com/path",
+        ] {
+            assert!(!is_host_pattern(bad), "{bad}");
+        }
+        let e = first_error(
+            r#"{"rules":[{"name":"admin","match":{"host":"admin.example.com:8443"},"action":"deny"}]}"#,
+        );
+        assert!(e.starts_with("rules[0].match.host: "), "{e}");
+        assert!(e.contains("without port"), "{e}");
     }
 
     #[test]

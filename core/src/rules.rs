@@ -190,12 +190,18 @@ pub enum BodyValue {
     NotJson,
     /// The field is absent, null, or an object/array.
     Missing,
+    /// An object in the body names one field twice: parsers disagree on
+    /// which copy counts, so the backend might not read the value checked.
+    Duplicate,
 }
 
-/// Extracts `pointer` from a JSON body.
+/// Extracts `pointer` from a JSON body (an empty body is not JSON).
 pub fn read_json_body(body: &[u8], pointer: &str) -> BodyValue {
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return BodyValue::NotJson;
+    let doc = match serde_json::from_slice::<UniqueFields>(body) {
+        Ok(UniqueFields(doc)) => doc,
+        // The visitor's only error is a repeated field; the rest is syntax.
+        Err(e) if e.classify() == serde_json::error::Category::Data => return BodyValue::Duplicate,
+        Err(_) => return BodyValue::NotJson,
     };
     match doc.pointer(pointer) {
         Some(serde_json::Value::String(s)) => BodyValue::Found(s.clone()),
@@ -203,6 +209,64 @@ pub fn read_json_body(body: &[u8], pointer: &str) -> BodyValue {
             BodyValue::Found(v.to_string())
         }
         _ => BodyValue::Missing,
+    }
+}
+
+/// A JSON document read as `serde_json::Value`, except that an object naming
+/// a field twice is an error (serde_json keeps the last copy silently).
+struct UniqueFields(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for UniqueFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueFieldsVisitor).map(UniqueFields)
+    }
+}
+
+struct UniqueFieldsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueFieldsVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueFields(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = serde_json::Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            let UniqueFields(v) = map.next_value()?;
+            if fields.insert(name, v).is_some() {
+                return Err(serde::de::Error::custom("a field is repeated"));
+            }
+        }
+        Ok(serde_json::Value::Object(fields))
     }
 }
 
@@ -383,6 +447,22 @@ mod tests {
         );
         assert_eq!(read_json_body(br#"{"a":"#, "/a"), BodyValue::NotJson);
         assert_eq!(read_json_body(br#"{"a":null}"#, "/a"), BodyValue::Missing);
+        assert_eq!(read_json_body(b"", "/a"), BodyValue::NotJson);
+        assert_eq!(read_json_body(b"[1, 2", "/a"), BodyValue::NotJson);
+        assert_eq!(read_json_body(b"\"text", "/a"), BodyValue::NotJson);
+        // Which copy wins differs between parsers: refused wherever it is.
+        assert_eq!(
+            read_json_body(br#"{"a":"c-99","a":"c-17"}"#, "/a"),
+            BodyValue::Duplicate
+        );
+        assert_eq!(
+            read_json_body(br#"{"a":"c-17","x":[{"b":1,"b":2}]}"#, "/a"),
+            BodyValue::Duplicate
+        );
+        assert_eq!(
+            read_json_body(br#"{"a":{"b":1.5e3,"c":[true,null,-2]}}"#, "/a/b"),
+            BodyValue::Found("1500.0".into())
+        );
     }
 
     #[test]

@@ -1194,6 +1194,7 @@ DENIAL_STATUS = {
     "ip_not_allowed": 403,
     "route_not_allowed": 403,
     "missing_attribute": 400,
+    "ambiguous_attribute": 400,
     "invalid_json_body": 400,
     "body_too_large": 413,
     "rate_limited": 429,

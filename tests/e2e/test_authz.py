@@ -622,9 +622,13 @@ BODY_CASES = {
     "pointer_array_index_wrong": ("/attach/array/", js({"campaigns": ["c-17", "c-99"]}), "not_attached"),
     "slash_in_top_level_name": ("/attach/slashname/", js({"a/b": "c-17"}), None),
     "slash_name_is_not_a_pointer": ("/attach/slashname/", js({"a": {"b": "c-17"}}), "missing_attribute"),
-    # Duplicate names: most JSON parsers keep the last value; keygate must
-    # never admit a body whose last value is unattached.
-    "duplicate_last_unattached": ("/attach/body/", b'{"campaign": "c-17", "campaign": "c-99"}', "not_attached"),
+    # Duplicate names: parsers disagree on which copy counts (most keep the
+    # last, some the first), so a body naming a field twice is refused
+    # whichever copy is attached, and wherever the repeated field is.
+    "duplicate_last_unattached": ("/attach/body/", b'{"campaign": "c-17", "campaign": "c-99"}', "ambiguous_attribute"),
+    "duplicate_first_unattached": ("/attach/body/", b'{"campaign": "c-99", "campaign": "c-17"}', "ambiguous_attribute"),
+    "duplicate_elsewhere": ("/attach/body/", b'{"campaign": "c-17", "meta": {"x": 1, "x": 2}}', "ambiguous_attribute"),
+    "same_name_in_two_objects": ("/attach/body/", b'{"campaign": "c-17", "a": {"x": 1}, "b": {"x": 2}}', None),
 }
 
 
@@ -859,6 +863,8 @@ def test_invalid_rules_and_keys_reported_together(envoy_fn):
             rule("bad name"),
             rule("env", environments=[""]),
             rule("scope", scopes_all_of=["a b"]),
+            rule("host-port", action="deny", match={"host": "admin.example.com:8443"}),
+            rule("host-dot", action="deny", match={"host": "admin.example.com."}),
         ],
         "max_body_bytes": 0,
     }
@@ -869,7 +875,8 @@ def test_invalid_rules_and_keys_reported_together(envoy_fn):
         "rules[0].action", "rules[1].action", "rules[2].action", "rules[3].match.path_prefix", "rules[4].match",
         "rules[5].match.host", "rules[6].match.methods[0]", "rules[7].attachment.from.json_body",
         "rules[8].rate_limit.burst", "rules[9].credential_sources", "identity_header", "rules[11].name",
-        "rules[12].environments[0]", "rules[13].scopes_all_of[0]", "max_body_bytes",
+        "rules[12].environments[0]", "rules[13].scopes_all_of[0]", "rules[14].match.host", "rules[15].match.host",
+        "max_body_bytes",
     ]
     missing = [f for f in fields if f"keygate: invalid configuration: {f}: " not in log]
     assert not missing, (missing, log[-4000:])

@@ -703,6 +703,11 @@ INVALID_CONFIGS = {
         r"keygate: invalid configuration: keys\[0\]\.rate_limit\.burst: ",
     ),
     "empty_sources": ({"credential_sources": [], "keys": []}, r"keygate: invalid configuration: credential_sources: "),
+    # Polled hourly against the default 5m: stale between every two polls.
+    "staleness_shorter_than_a_poll": (
+        {"control_plane": {"cluster": "cp", "authority": "cp.local", "poll_interval": "1h", "stale_policy": "fail_closed"}},
+        r'keygate: invalid configuration: control_plane\.max_staleness: "5m" is not longer than poll_interval \+ timeout',
+    ),
 }
 
 
