@@ -286,6 +286,16 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<bool, Status
     }
 }
 
+/// Writes `key` only if it is absent; `Ok(false)` if another VM wrote it
+/// first. Envoy writes an absent key whatever the CAS, and refuses to
+/// overwrite a present one unless the CAS is 0 or its current token. Tokens
+/// come from one process-wide counter, so `u32::MAX` matches an existing key
+/// only if its last write happened to draw that exact token: about once in
+/// 2^32 writes.
+pub fn create_shared_data(key: &str, value: &[u8]) -> Result<bool, Status> {
+    set_shared_data(key, value, u32::MAX)
+}
+
 /// Defines a counter and returns its id.
 pub fn define_counter(name: &str) -> Result<u32, Status> {
     let mut id = 0u32;

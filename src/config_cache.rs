@@ -51,18 +51,23 @@ fn rest_key(id: &str) -> String {
 }
 
 /// The secret shared by this Envoy's VMs, drawn by the first VM that needs
-/// it. Two VMs drawing at once both write; whichever VM ends up with the
-/// other's secret computes ids nobody published and compiles on its own.
+/// it. Of two VMs drawing at once, the first write wins and the other VM
+/// reads the winner's secret.
 fn secret() -> Option<[u8; 16]> {
-    if let Ok(Some((stored, _))) = abi::get_shared_data(SECRET) {
-        if let Ok(secret) = <[u8; 16]>::try_from(stored.as_slice()) {
-            return Some(secret);
-        }
+    let stored = || match abi::get_shared_data(SECRET) {
+        Ok(Some((v, _))) => <[u8; 16]>::try_from(v.as_slice()).ok(),
+        _ => None,
+    };
+    if let Some(secret) = stored() {
+        return Some(secret);
     }
     let mut drawn = [0u8; 16];
     getrandom::fill(&mut drawn).ok()?;
-    abi::set_shared_data(SECRET, &drawn, 0).ok()?;
-    Some(drawn)
+    match abi::create_shared_data(SECRET, &drawn) {
+        Ok(true) => Some(drawn),
+        Ok(false) => stored(),
+        Err(_) => None,
+    }
 }
 
 /// The id of the plugin configuration of `size` bytes, read in chunks; `None`
@@ -150,14 +155,18 @@ fn publish(id: &str, policy: &Policy, rest: &[u8]) {
     let keep_s = keep_seconds();
     for _ in 0..MAX_CAS_RETRIES {
         let (stored, cas) = match abi::get_shared_data(INDEX) {
-            Ok(Some(found)) => found,
-            // The first write cannot be CAS-protected: of two VMs creating
-            // the index at once, one entry goes unlisted (and never freed).
-            Ok(None) => (Vec::new(), 0),
+            Ok(Some((v, cas))) => (v, Some(cas)),
+            Ok(None) => (Vec::new(), None),
             Err(_) => break,
         };
         let registered = published::register(&stored, id, now, keep_s * 1_000_000_000);
-        if abi::set_shared_data(INDEX, &registered.index, cas) != Ok(true) {
+        // The first write only creates: of two VMs creating the index at
+        // once, the second retries on top of the first one's entry.
+        let written = match cas {
+            Some(cas) => abi::set_shared_data(INDEX, &registered.index, cas),
+            None => abi::create_shared_data(INDEX, &registered.index),
+        };
+        if written != Ok(true) {
             continue;
         }
         for stale in &registered.stale {

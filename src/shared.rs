@@ -18,15 +18,8 @@ impl CounterStore for SharedCounters {
         abi::set_shared_data(key, value, cas.unwrap_or(0)).map_err(|_| StoreError)
     }
 
-    /// Envoy writes an absent key whatever the CAS, and refuses to overwrite
-    /// a present one unless the CAS is 0 or its current token. Tokens come
-    /// from one process-wide counter, so `CREATE_CAS` matches an existing
-    /// bucket only if its last write happened to draw that exact token:
-    /// about once in 2^32 writes.
+    /// See [`abi::create_shared_data`].
     fn create(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
-        abi::set_shared_data(key, value, CREATE_CAS).map_err(|_| StoreError)
+        abi::create_shared_data(key, value).map_err(|_| StoreError)
     }
 }
-
-/// The CAS token a create passes: never 0 (which would overwrite).
-const CREATE_CAS: u32 = u32::MAX;
