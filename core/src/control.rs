@@ -123,7 +123,8 @@ impl ControlPlane {
         let timeout_ms = dur("timeout", &c.timeout, 10, 600_000);
         let max_staleness_ms = dur("max_staleness", &c.max_staleness, 1_000, 30 * 86_400_000);
         // Shorter than one poll cycle, the list would go stale between every
-        // two polls (and with fail_closed, answer 503 most of the time).
+        // two polls (and with fail_closed, answer 503 most of the time). A 0
+        // is a duration refused above, already reported.
         if poll_ms > 0 && timeout_ms > 0 && max_staleness_ms > 0 {
             let cycle = poll_ms + timeout_ms;
             if max_staleness_ms <= cycle {
