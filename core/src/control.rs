@@ -361,28 +361,30 @@ impl Published {
 mod tests {
     use super::*;
 
-    fn plane(path: &str, poll: &str) -> ControlPlane {
-        let c: ControlPlaneConfig = serde_json::from_value(serde_json::json!({
-            "cluster": "cp", "authority": "cp.local", "path": path, "poll_interval": poll
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
+    /// Compiles a control plane on cluster `cp`, authority `cp.local` and
+    /// path `/v1/keys`, with the fields of `extra` added or replaced.
+    fn compile(extra: serde_json::Value) -> (Option<ControlPlane>, Vec<String>) {
+        let mut v =
+            serde_json::json!({"cluster": "cp", "authority": "cp.local", "path": "/v1/keys"});
+        if let (Some(o), Some(x)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(x.clone());
+        }
+        let c: ControlPlaneConfig = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"));
         let mut errors = Vec::new();
-        ControlPlane::compile(&c, &mut errors).unwrap_or_else(|| panic!("{errors:?}"))
+        let plane = ControlPlane::compile(&c, &mut errors);
+        (plane, errors.iter().map(|e| e.to_string()).collect())
+    }
+
+    fn plane(path: &str, poll: &str) -> ControlPlane {
+        match compile(serde_json::json!({"path": path, "poll_interval": poll})) {
+            (Some(plane), _) => plane,
+            (None, errors) => panic!("{errors:?}"),
+        }
     }
 
     #[test]
     fn max_staleness_must_outlast_one_poll_cycle() {
-        let compile = |extra: serde_json::Value| {
-            let mut v =
-                serde_json::json!({"cluster": "cp", "authority": "cp.local", "path": "/v1/keys"});
-            if let (Some(o), Some(x)) = (v.as_object_mut(), extra.as_object()) {
-                o.extend(x.clone());
-            }
-            let c: ControlPlaneConfig = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"));
-            let mut errors = Vec::new();
-            ControlPlane::compile(&c, &mut errors);
-            errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()
-        };
+        let compile = |extra| compile(extra).1;
         // One hour between polls against the default 5 minutes.
         let e = compile(serde_json::json!({"poll_interval": "1h", "stale_policy": "fail_closed"}));
         assert_eq!(e.len(), 1, "{e:?}");
