@@ -5,7 +5,6 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use keygate_core::headers::HeaderMap;
-use keygate_core::keys::{BucketName, KEY_BUCKET_PREFIX};
 use keygate_core::policy::{parse_source_address, Allowed, Decision, Hold};
 use keygate_core::ratelimit::{ensure_bucket, CounterStore};
 use keygate_core::reply::{EncodedReply, ReplyBook};
@@ -86,7 +85,7 @@ impl RootContext for KeygateRoot {
     fn on_configure(&mut self, size: usize) -> bool {
         abi::refresh_log_level();
         let started = abi::monotonic_ns().unwrap_or(0);
-        let (policy, origin) = match config_cache::load(size) {
+        let (mut policy, origin) = match config_cache::load(size) {
             Ok(p) => p,
             Err(errors) => {
                 for e in &errors {
@@ -95,13 +94,21 @@ impl RootContext for KeygateRoot {
                 return false;
             }
         };
+        // Shared data is per vm_id: the plugin's name keeps this filter's
+        // buckets apart from other keygate filters in the VM.
+        let plugin_name = abi::property(b"plugin_name\0")
+            .ok()
+            .flatten()
+            .and_then(|raw| String::from_utf8(raw).ok())
+            .unwrap_or_default();
+        policy.scope_buckets(&plugin_name);
         if policy.keys().len() <= PRECREATE_BUCKETS_UP_TO {
             for key in policy
                 .keys()
                 .iter()
                 .filter(|k| policy.limit_of(k).is_some())
             {
-                let bucket = BucketName::new(KEY_BUCKET_PREFIX, key.id());
+                let bucket = policy.key_bucket(&key);
                 let created =
                     bucket.is_some_and(|b| ensure_bucket(&SharedCounters, b.as_str()).is_ok());
                 if !created {
@@ -118,13 +125,14 @@ impl RootContext for KeygateRoot {
         abi::log(
             Level::Info,
             &format!(
-                "configuration loaded: {} keys, {} in {} ms",
+                "configuration loaded: {} keys, {} in {} ms, buckets under {}",
                 policy.keys().len(),
                 match origin {
                     config_cache::Origin::Adopted => "adopted from another VM",
                     config_cache::Origin::Compiled => "compiled",
                 },
-                abi::monotonic_ns().unwrap_or(0).saturating_sub(started) / 1_000_000
+                abi::monotonic_ns().unwrap_or(0).saturating_sub(started) / 1_000_000,
+                policy.bucket_scope()
             ),
         );
         let base = Rc::new(policy);

@@ -14,8 +14,8 @@ use crate::credential::{Credential, Extractor, Source};
 use crate::denial::{Denial, DenyCode, RateInfo};
 use crate::headers::HeaderMap;
 use crate::keys::{
-    parse_digest, BucketName, Clash, Digest, KeyMeta, KeyRef, KeySet, KeyStore, KeyStoreBuilder,
-    Profile, BUCKET_PREFIX, KEY_BUCKET_PREFIX,
+    self, parse_digest, BucketName, Clash, Digest, KeyMeta, KeyRef, KeySet, KeyStore,
+    KeyStoreBuilder, Profile,
 };
 use crate::ratelimit::{self, CounterStore, Limit, TakeError};
 use crate::rules::{
@@ -80,6 +80,8 @@ pub struct Policy {
     awaiting_list: bool,
     /// Version of the merged control-plane list, if any.
     list_version: Option<u64>,
+    /// Start of this filter's bucket names, from [`keys::bucket_scope`].
+    bucket_scope: String,
 }
 
 /// What to do with a request.
@@ -273,6 +275,7 @@ impl Policy {
                     control_plane,
                     default_limit,
                     list_version: None,
+                    bucket_scope: keys::bucket_scope(""),
                 })
             }
             _ => Err(errors),
@@ -287,6 +290,22 @@ impl Policy {
     /// The effective limit of a key: its own, else the default.
     pub fn limit_of(&self, key: &KeyRef<'_>) -> Option<Limit> {
         key.limit().or(self.default_limit)
+    }
+
+    /// Names this filter's buckets after its plugin name (see
+    /// [`keys::bucket_scope`]), so that filters sharing a VM count apart.
+    pub fn scope_buckets(&mut self, plugin_name: &str) {
+        self.bucket_scope = keys::bucket_scope(plugin_name);
+    }
+
+    /// The start of this filter's bucket names.
+    pub fn bucket_scope(&self) -> &str {
+        &self.bucket_scope
+    }
+
+    /// The bucket of a key's own limit.
+    pub fn key_bucket(&self, key: &KeyRef<'_>) -> Option<BucketName> {
+        BucketName::new(&self.bucket_scope, "", key.id())
     }
 
     /// The control plane, if one is configured.
@@ -504,8 +523,8 @@ impl Policy {
             requirement.and_then(|r| r.limit.as_ref()),
             &self.limit_of(&key),
         ) {
-            (Some((limit, prefix)), _) => take(host, prefix, key.id(), limit)?,
-            (None, Some(limit)) => take(host, KEY_BUCKET_PREFIX, key.id(), limit)?,
+            (Some((limit, rule)), _) => take(host, &self.bucket_scope, rule, key.id(), limit)?,
+            (None, Some(limit)) => take(host, &self.bucket_scope, "", key.id(), limit)?,
             (None, None) => None,
         };
         Ok(Allowed {
@@ -606,7 +625,8 @@ fn check_attached(meta: &KeyMeta, set: &str, value: &str) -> Result<(), Denial> 
 
 fn take(
     host: &dyn Host,
-    prefix: &str,
+    scope: &str,
+    rule: &str,
     id: &str,
     limit: &Limit,
 ) -> Result<Option<RateInfo>, Denial> {
@@ -619,7 +639,7 @@ fn take(
         }),
         ..Denial::new(DenyCode::RateLimited, reason)
     };
-    let bucket = BucketName::new(prefix, id).ok_or(closed("bucket name too long"))?;
+    let bucket = BucketName::new(scope, rule, id).ok_or(closed("bucket name too long"))?;
     let now = host
         .monotonic_ns()
         .ok_or(closed("monotonic clock unavailable (failing closed)"))?;
@@ -1200,7 +1220,7 @@ fn compile_requirement(
         .rate_limit
         .as_ref()
         .and_then(|l| compile_limit(l, &format!("{field}.rate_limit"), errors))
-        .map(|l| (l, format!("{BUCKET_PREFIX}{name}/")));
+        .map(|l| (l, name.to_string()));
     Requirement {
         scopes_any_of: r.scopes_any_of.clone(),
         scopes_all_of: r.scopes_all_of.clone(),
@@ -1515,6 +1535,42 @@ mod tests {
         // The rule's bucket for "b" is empty; the key "metered/b" still has its token.
         assert_eq!(run(b"k-slash", b"/other"), "allow");
         assert_eq!(run(b"k-slash", b"/other"), "rate_limited");
+    }
+
+    #[test]
+    fn filters_with_other_plugin_names_keep_their_own_buckets() {
+        // Two filters in one VM (one counter store), each listing key "k"
+        // with a burst of 2: apart by plugin name, together under one name.
+        let json = format!(
+            r#"{{"keys":[{{"id":"k","sha256":"{}","rate_limit":{{"requests_per_second":0.01,"burst":2}}}}]}}"#,
+            h("k-scoped")
+        );
+        let scoped = |name: &str| {
+            let mut p = Policy::from_json(json.as_bytes()).unwrap();
+            p.scope_buckets(name);
+            p
+        };
+        let (public, partner, public_again) =
+            (scoped("public"), scoped("partner"), scoped("public"));
+        let host = FakeHost::default();
+        let run = |p: &Policy| match p.decide(
+            &HeaderMap::from_pairs(vec![(b"x-api-key", b"k-scoped"), (b":path", b"/")]),
+            &host,
+        ) {
+            Decision::Allow(_) => "allow",
+            Decision::Deny(d) => d.code.as_str(),
+        };
+        assert_eq!(run(&public), "allow");
+        assert_eq!(run(&public), "allow");
+        assert_eq!(run(&public), "rate_limited");
+        assert_eq!(run(&partner), "allow");
+        assert_eq!(run(&partner), "allow");
+        assert_eq!(run(&public_again), "rate_limited");
+        let key = public.keys().lookup(b"k-scoped").unwrap();
+        assert_eq!(
+            public.key_bucket(&key).unwrap().as_str(),
+            "keygate/rl/public//k"
+        );
     }
 
     #[test]

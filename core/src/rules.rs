@@ -292,7 +292,7 @@ pub struct Requirement {
     pub attachment: Option<AttachmentCheck>,
     /// Credential sources overriding the top-level ones.
     pub extractor: Option<Extractor>,
-    /// Limit overriding the key's, with the bucket-key prefix for this rule.
+    /// Limit overriding the key's, with the rule's name for its bucket.
     pub limit: Option<(Limit, String)>,
 }
 

@@ -617,6 +617,24 @@ def test_each_configuration_is_compiled_once_and_adopted_by_the_other_vms(envoy_
         assert origins.count("adopted from another VM") >= 2, loads
 
 
+def test_filters_sharing_a_vm_count_a_key_in_buckets_of_their_own(envoy_fn):
+    """Shared data is per vm_id, and both filters here load into the VM
+    `keygate` and list key id `k` with a burst of 3. Each request passes
+    both, so with one bucket per key id the second request would find it
+    empty; named after each plugin, each filter admits three."""
+    key = new_key()
+    limit = {"requests_per_second": 0.001, "burst": 3}
+    first = {"keys": [key_entry("k", key, limit)], "strip_credentials": False}
+    second = {"keys": [key_entry("k", key, limit)]}
+    envoy = envoy_fn(first, more_plugin_configs=[second])
+    statuses = [envoy.request("GET", unique_path(), [xkey(key)]).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429], statuses
+    assert_vm_healthy(envoy)
+    envoy.stop()  # flush the log
+    scopes = set(re.findall(r"buckets under (\S+)", envoy.log_text()))
+    assert scopes == {"keygate/rl/keygate/", "keygate/rl/keygate-2/"}, scopes
+
+
 # ---------------------------------------------------------------------------
 # Logging: the key is never written
 # ---------------------------------------------------------------------------
