@@ -561,7 +561,8 @@ class Bench:
         self.extra_headers: list[tuple[str, str]] = []
 
     def our_ticks(self) -> int:
-        pids = [e.pid for e in self.envoys.values()] + ([self.upstream.pid] if self.upstream else [])
+        # A set: with compare.py --shared-envoy, several builds are one process.
+        pids = {e.pid for e in self.envoys.values()} | ({self.upstream.pid} if self.upstream else set())
         return sum(proc_cpu_ticks(p) for p in pids)
 
     def _headers(self, path: str) -> list[str]:

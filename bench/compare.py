@@ -32,12 +32,18 @@ while other processes kept the machine busy is dropped and retried once. Prints
 the median Envoy CPU µs per request for each build and path, and each build's
 difference from the first one. Differences below about 5 µs are inside this
 machine's noise.
+
+With `--shared-envoy`, all builds run in one Envoy instead, one listener (and
+one VM, `vm_id` of its own) per build, still started afresh each K rounds. A
+process's offset then applies to every build alike, so the differences between
+builds, read per round, lose it; the builds' absolute figures still carry it.
 It reports figures only and never judges them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -93,6 +99,8 @@ def main() -> int:
     ap.add_argument("--envoy", type=Path, default=None, help="Envoy binary (default: the project venv's)")
     ap.add_argument("--restart-every", type=int, default=1, metavar="K",
                     help="start every build's Envoy afresh each K rounds (default 1; 0: one Envoy per build for the whole run)")
+    ap.add_argument("--shared-envoy", action="store_true",
+                    help="run every build in one Envoy (a listener and a VM each) rather than one Envoy per build")
     ap.add_argument("--proxied", action="store_true", help="also measure the allowed path on the proxied route (/proxy, to a trivial upstream)")
     args = ap.parse_args()
     if len(args.wasm) < 2:
@@ -135,13 +143,32 @@ def main() -> int:
     bench = b.Bench(settings, envoys, upstream, paths, "wrk", "h2load")
     block = args.restart_every or args.rounds
 
+    def filters(i: int) -> list[dict]:
+        wasm, variant = list(builds.values())[i]
+        return [b.wasm_filter(f"keygate{i}", f"keygate{i}", wasm, variant_config(variant, allowed, limited))]
+
+    def start_shared(tmp: Path, up_port: int | None) -> None:
+        """One Envoy, one listener per build; `envoys` holds one view of it
+        per build, which differ only in their port."""
+        ports = b.free_ports(len(builds) + 1)
+        cfg = b.bootstrap(ports[0], ports[-1], filters(0), up_port)
+        for i in range(1, len(builds)):
+            listener = b.bootstrap(ports[i], ports[-1], filters(i), up_port)["static_resources"]["listeners"][0]
+            listener["name"] = f"main{i}"
+            cfg["static_resources"]["listeners"].append(listener)
+        shared = b.Envoy("shared", cfg, tmp, envoy_bin, port=ports[0], admin_port=ports[-1]).start()
+        for i, n in enumerate(builds):
+            envoys[n] = dataclasses.replace(shared, port=ports[i])
+
     def start_all(tmp: Path, up_port: int | None) -> str | None:
-        """One Envoy per build, checked on every path; an error, or None."""
-        for n, (wasm, variant) in builds.items():
-            config = variant_config(variant, allowed, limited)
-            e = b.new_envoy(f"build{len(envoys)}", [b.wasm_filter("keygate", "keygate", wasm, config)], tmp, envoy_bin, up_port)
-            e.start()
-            envoys[n] = e
+        """One Envoy per build (or one for all), checked on every path; an
+        error, or None."""
+        if args.shared_envoy:
+            start_shared(tmp, up_port)
+        for i, (n, (wasm, variant)) in enumerate(builds.items()):
+            if not args.shared_envoy:
+                envoys[n] = b.new_envoy(f"build{i}", filters(i), tmp, envoy_bin, up_port).start()
+            e = envoys[n]
             b.http_status(e.port, "/direct", limited)  # spends the limited key's only token
             for p in measured(variant):
                 got = b.http_status(e.port, "/direct", paths[p])
@@ -152,7 +179,7 @@ def main() -> int:
         return None
 
     def stop_all() -> None:
-        for e in envoys.values():
+        for pid, e in {e.pid: e for e in envoys.values()}.items():
             e.stop()
         envoys.clear()
 
@@ -188,11 +215,21 @@ def main() -> int:
             return f"{med[(n, p)]:9.1f}{'':9s}"
         return f"{med[(n, p)]:9.1f} ({med[(n, p)] - med[(first, p)]:+6.1f})"
 
+    print("one Envoy for all builds" if args.shared_envoy else "one Envoy per build", f"(started afresh every {block} round(s))")
     print(f"Envoy CPU us/request, median of {args.rounds} rounds x {args.duration}s, {bench.dropped} busy sample(s) dropped (difference from {first})")
     print(f"{'build':32s}" + "".join(f"{p:>18s}" for p in paths))
     for n in builds:
         cells = "".join(cell(n, p) for p in paths)
         print(f"{n:32s}{cells}")
+    # Paired: the median over rounds of the difference within each round,
+    # which takes out the drift between rounds (and, with --shared-envoy, the
+    # process's offset).
+    raw = {(c.config, c.path if c.route == "direct" else "proxied"): v for c, v in bench.samples.items()}
+    ref = raw.get((first, "allowed"), [])
+    print(f"paired per round, above {first}'s allowed path:")
+    for n in builds:
+        diffs = [b.paired_difference(raw[(n, p)], ref) if (n, p) in raw else None for p in paths]
+        print(f"{n:32s}" + "".join(f"{d:+18.1f}" if d is not None else f"{'-':>18s}" for d in diffs))
     return 0
 
 
