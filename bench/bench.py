@@ -7,9 +7,11 @@ Run through scripts/bench.sh (it installs wrk/h2load, Envoy, builds both wasm
 modules and passes their paths in the environment). Standard library only.
 
 Method (see bench/README.md for the reasoning):
-  * every configuration runs as its own Envoy (--concurrency 1 unless stated)
-    pinned to core 0; the load generator (wrk / h2load) and the upstream are
-    pinned to core 1;
+  * the --concurrency 1 configurations run in one Envoy, a listener (and a
+    VM) each, so that the offset a process keeps for its lifetime applies to
+    all of them alike (--separate: one Envoy per configuration); the
+    --concurrency 2 one runs in an Envoy of its own; Envoy is pinned to core
+    0, the load generator (wrk / h2load) and the upstream to core 1;
   * one interleaved run: each measurement cell once per round, the order
     rotated every round, a warm-up right before each sample, medians reported;
   * in full mode, every round on freshly started Envoys, so that no
@@ -368,6 +370,8 @@ class Envoy:
     ready_s: Optional[float] = None
     rss_start_kb: Optional[int] = None
     config_bytes: int = 0
+    # Configurations served by this process (see `shared_envoy`).
+    shared_by: int = 1
 
     @property
     def pid(self) -> int:
@@ -438,6 +442,23 @@ class Envoy:
     def stop(self) -> None:
         if self.proc is not None:
             stop_child(self.proc)
+
+
+def shared_envoy(name: str, configs: list[tuple[str, list[dict]]], workdir: Path, envoy_bin: Path, upstream_port: Optional[int]) -> dict[str, Envoy]:
+    """One Envoy serving each of `configs` (name, filters) on a listener of
+    its own; started, and returned as one view of it per configuration, the
+    views differing only in name and port. A wasm filter's VM is per
+    listener already (its `vm_id` names the filter), so no two
+    configurations share a VM or shared data."""
+    ports = free_ports(len(configs) + 1)
+    admin = ports[-1]
+    cfg = bootstrap(ports[0], admin, configs[0][1], upstream_port)
+    for i, (_, filters) in enumerate(configs[1:], 1):
+        listener = bootstrap(ports[i], admin, filters, upstream_port)["static_resources"]["listeners"][0]
+        listener["name"] = f"main{i}"
+        cfg["static_resources"]["listeners"].append(listener)
+    e = Envoy(name, cfg, workdir, envoy_bin, port=ports[0], admin_port=admin, shared_by=len(configs)).start()
+    return {n: dataclasses.replace(e, name=n, port=ports[i]) for i, (n, _) in enumerate(configs)}
 
 
 def new_envoy(name: str, filters: list[dict], workdir: Path, envoy_bin: Path, upstream_port: Optional[int], **kw: Any) -> Envoy:
@@ -1008,6 +1029,7 @@ def main() -> int:
     ap.add_argument("--no-1m", action="store_true", help="skip the 1M-key startup probes in full mode")
     ap.add_argument("--host-calls", action="store_true", help="only the host-call probes (writes host_calls.json)")
     ap.add_argument("--startup-only", action="store_true", help="only the start-up, memory and control-plane probes (writes startup.json)")
+    ap.add_argument("--separate", action="store_true", help="one Envoy per configuration instead of one for all the --concurrency 1 ones")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (bootstraps, logs)")
     ap.add_argument("--render", metavar="SUMMARY_JSON", help="only print the tables of an earlier run's summary.json")
     args = ap.parse_args()
@@ -1087,28 +1109,35 @@ def main() -> int:
         up_port, up_admin = free_ports(2)
         upstream = Envoy("upstream", upstream_bootstrap(up_port, up_admin), workdir, envoy_bin, cpus=UPSTREAM_CORE, port=up_port, admin_port=up_admin)
         upstream.start()
+        # Each wasm filter has a vm_id of its own (its name), so that the
+        # configurations can share one Envoy without sharing a VM.
         defs: list[tuple[str, list[dict], int]] = [
             ("baseline", [], 1),
             ("empty-wasm", [wasm_filter("empty", "empty", empty_wasm, "")], 1),
         ]
         if empty_trimmed is not None:
-            defs.append(("empty-trimmed", [wasm_filter("empty", "empty", empty_trimmed, "")], 1))
+            defs.append(("empty-trimmed", [wasm_filter("empty-trimmed", "empty", empty_trimmed, "")], 1))
         defs += [
             ("native", native_filters(native_keys, ("bench-limited", limited_key)), 1),
             ("keygate-10", [wasm_filter("keygate", "keygate", keygate_wasm, kg10)], 1),
-            ("keygate-100k", [wasm_filter("keygate", "keygate", keygate_wasm, kg100k)], 1),
+            ("keygate-100k", [wasm_filter("keygate-100k", "keygate", keygate_wasm, kg100k)], 1),
             ("keygate-10-c2", [wasm_filter("keygate", "keygate", keygate_wasm, kg10)], 2),
         ]
 
         def start_envoys(report: bool) -> list[str]:
-            """One Envoy per configuration, each checked on its routes and
-            paths (which spends the limited key's token); the problems found."""
+            """The Envoys (one for the --concurrency 1 configurations unless
+            --separate), each configuration checked on its routes and paths
+            (which spends the limited key's token); the problems found."""
+            shared = [(name, filters) for name, filters, conc in defs if conc == 1 and not args.separate]
+            if shared:
+                envoys.update(shared_envoy("shared-c1", shared, workdir, envoy_bin, up_port))
             for name, filters, conc in defs:
-                e = new_envoy(name, filters, workdir, envoy_bin, up_port, concurrency=conc)
-                e.start()
-                envoys[name] = e
+                if name not in envoys:
+                    envoys[name] = new_envoy(name, filters, workdir, envoy_bin, up_port, concurrency=conc).start()
+            for name, e in envoys.items():
                 if report:
-                    print(f"  {name:14s} ready in {e.ready_s:.2f}s, VmRSS {e.rss_start_kb / 1024:.1f} MiB (port {e.port})", flush=True)
+                    where = f", one process for {e.shared_by}" if e.shared_by > 1 else ""
+                    print(f"  {name:14s} ready in {e.ready_s:.2f}s, VmRSS {e.rss_start_kb / 1024:.1f} MiB (port {e.port}{where})", flush=True)
             problems = []
             for name, e in envoys.items():
                 auth = name not in NO_AUTH
@@ -1129,7 +1158,7 @@ def main() -> int:
             return problems
 
         def stop_envoys() -> None:
-            for e in envoys.values():
+            for e in {e.pid: e for e in envoys.values()}.values():
                 e.stop()
             envoys.clear()
 
@@ -1151,8 +1180,10 @@ def main() -> int:
         # Every round runs on freshly started Envoys: one Envoy process is
         # not like another (one module measured 31.5 and 37.9 us in two
         # Envoys over the same 9 rounds), so a configuration kept in one
-        # process for the whole run would carry that process's offset. The
-        # quick mode, a smoke check, keeps its Envoys to stay under 3 minutes.
+        # process for the whole run would carry that process's offset; with
+        # the configurations sharing a process, the offset is common to them
+        # within a round, and a new one each round. The quick mode, a smoke
+        # check, keeps its Envoys to stay under 3 minutes.
         for rnd in range(s.rounds):
             if rnd > 0 and not q:
                 stop_envoys()
@@ -1162,15 +1193,17 @@ def main() -> int:
             bench.run(cells, rnd, 1)
         summary_cells = summarize(bench.samples)
         rss_end = {name: proc_rss_kb(e.pid) for name, e in envoys.items()}
-        for e in envoys.values():
+        for e in {e.pid: e for e in envoys.values()}.values():
             e.stop()
         upstream.stop()
 
         hc = host_call_costs(s, workdir, envoy_bin, probe_wasm, wrk, h2load)
 
         # -- startup probes -------------------------------------------------
+        # A shared process says nothing about one configuration's start-up.
+        own = {name: e for name, e in envoys.items() if e.shared_by == 1}
         probes, cp_rows = startup_probes(
-            args, envoys, workdir, envoy_bin, keygate_wasm, empty_wasm, keygate_cli, base_keys + [limited_entry], kg10, kg100k
+            args, own, workdir, envoy_bin, keygate_wasm, empty_wasm, keygate_cli, base_keys + [limited_entry], kg10, kg100k
         )
         del kg100k
 
@@ -1304,7 +1337,7 @@ def build_summary(
         "wasm_bytes": {"keygate": keygate_wasm.stat().st_size, "empty": empty_wasm.stat().st_size},
         "results": result_rows(cells, list(envoys)),
         "envoys": {
-            name: {"concurrency": e.concurrency, "ready_s": e.ready_s, "rss_start_kb": e.rss_start_kb, "rss_end_kb": rss_end.get(name), "bootstrap_bytes": e.config_bytes}
+            name: {"concurrency": e.concurrency, "ready_s": e.ready_s, "rss_start_kb": e.rss_start_kb, "rss_end_kb": rss_end.get(name), "bootstrap_bytes": e.config_bytes, "shared_by": e.shared_by}
             for name, e in envoys.items()
         },
         "startup": probes,
@@ -1351,6 +1384,7 @@ def print_report(sm: dict) -> None:
         print(
             f"  {name:14s} VmRSS after start {e['rss_start_kb'] / 1024:7.1f} MiB, after the run "
             f"{fmt((e['rss_end_kb'] or 0) / 1024):>7s} MiB, ready in {e['ready_s']:.2f}s"
+            + (f" (one process for {e['shared_by']} configurations)" if e.get("shared_by", 1) > 1 else "")
         )
     print_startup(sm, header=False)
     if "host_calls" in sm:
