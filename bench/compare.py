@@ -43,7 +43,6 @@ It reports figures only and never judges them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -147,24 +146,11 @@ def main() -> int:
         wasm, variant = list(builds.values())[i]
         return [b.wasm_filter(f"keygate{i}", f"keygate{i}", wasm, variant_config(variant, allowed, limited))]
 
-    def start_shared(tmp: Path, up_port: int | None) -> None:
-        """One Envoy, one listener per build; `envoys` holds one view of it
-        per build, which differ only in their port."""
-        ports = b.free_ports(len(builds) + 1)
-        cfg = b.bootstrap(ports[0], ports[-1], filters(0), up_port)
-        for i in range(1, len(builds)):
-            listener = b.bootstrap(ports[i], ports[-1], filters(i), up_port)["static_resources"]["listeners"][0]
-            listener["name"] = f"main{i}"
-            cfg["static_resources"]["listeners"].append(listener)
-        shared = b.Envoy("shared", cfg, tmp, envoy_bin, port=ports[0], admin_port=ports[-1]).start()
-        for i, n in enumerate(builds):
-            envoys[n] = dataclasses.replace(shared, port=ports[i])
-
     def start_all(tmp: Path, up_port: int | None) -> str | None:
         """One Envoy per build (or one for all), checked on every path; an
         error, or None."""
         if args.shared_envoy:
-            start_shared(tmp, up_port)
+            envoys.update(b.shared_envoy("shared", [(n, filters(i)) for i, n in enumerate(builds)], tmp, envoy_bin, up_port))
         for i, (n, (wasm, variant)) in enumerate(builds.items()):
             if not args.shared_envoy:
                 envoys[n] = b.new_envoy(f"build{i}", filters(i), tmp, envoy_bin, up_port).start()
@@ -179,7 +165,7 @@ def main() -> int:
         return None
 
     def stop_all() -> None:
-        for pid, e in {e.pid: e for e in envoys.values()}.items():
+        for e in {e.pid: e for e in envoys.values()}.values():
             e.stop()
         envoys.clear()
 
