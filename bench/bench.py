@@ -447,9 +447,10 @@ class Envoy:
 def shared_envoy(name: str, configs: list[tuple[str, list[dict]]], workdir: Path, envoy_bin: Path, upstream_port: Optional[int]) -> dict[str, Envoy]:
     """One Envoy serving each of `configs` (name, filters) on a listener of
     its own; started, and returned as one view of it per configuration, the
-    views differing only in name and port. A wasm filter's VM is per
-    listener already (its `vm_id` names the filter), so no two
-    configurations share a VM or shared data."""
+    views differing only in name and port. Envoy shares a VM (and its
+    shared data) between filters with the same `vm_id`, so each
+    configuration's wasm filter needs a name of its own (`wasm_filter` uses
+    the name as the `vm_id`)."""
     ports = free_ports(len(configs) + 1)
     admin = ports[-1]
     cfg = bootstrap(ports[0], admin, configs[0][1], upstream_port)
