@@ -444,6 +444,13 @@ class Envoy:
             stop_child(self.proc)
 
 
+def stop_envoys(envoys: dict[str, Envoy]) -> None:
+    """Stops every process behind `envoys` once: the views `shared_envoy`
+    returns are one process."""
+    for e in {e.proc.pid: e for e in envoys.values() if e.proc is not None}.values():
+        e.stop()
+
+
 def shared_envoy(name: str, configs: list[tuple[str, list[dict]]], workdir: Path, envoy_bin: Path, upstream_port: Optional[int]) -> dict[str, Envoy]:
     """One Envoy serving each of `configs` (name, filters) on a listener of
     its own; started, and returned as one view of it per configuration, the
@@ -1158,10 +1165,10 @@ def main() -> int:
                 print("CHECK FAILED: " + p, file=sys.stderr)
             return problems
 
-        def stop_envoys() -> None:
-            for e in {e.pid: e for e in envoys.values()}.values():
-                e.stop()
+        def restart_envoys() -> list[str]:
+            stop_envoys(envoys)
             envoys.clear()
+            return start_envoys(report=False)
 
         if start_envoys(report=True):
             return 2
@@ -1187,15 +1194,13 @@ def main() -> int:
         # check, keeps its Envoys to stay under 3 minutes.
         for rnd in range(s.rounds):
             if rnd > 0 and not q:
-                stop_envoys()
-                if start_envoys(report=False):
+                if restart_envoys():
                     return 2
                 bench.prime("500ms")
             bench.run(cells, rnd, 1)
         summary_cells = summarize(bench.samples)
         rss_end = {name: proc_rss_kb(e.pid) for name, e in envoys.items()}
-        for e in {e.pid: e for e in envoys.values()}.values():
-            e.stop()
+        stop_envoys(envoys)
         upstream.stop()
 
         hc = host_call_costs(s, workdir, envoy_bin, probe_wasm, wrk, h2load)
@@ -1223,8 +1228,7 @@ def main() -> int:
         print(f"  summary: {path}")
         return 0
     finally:
-        for e in envoys.values():
-            e.stop()
+        stop_envoys(envoys)
         if upstream is not None:
             upstream.stop()
         stop_all_children()

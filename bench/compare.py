@@ -165,8 +165,7 @@ def main() -> int:
         return None
 
     def stop_all() -> None:
-        for e in {e.pid: e for e in envoys.values()}.values():
-            e.stop()
+        b.stop_envoys(envoys)
         envoys.clear()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +188,10 @@ def main() -> int:
             if upstream is not None:
                 upstream.stop()
     summary = b.summarize(bench.samples)
-    med = {(c.config, c.path if c.route == "direct" else "proxied"): row["us_per_req"] for c, row in summary.items()}
+    def key(c: b.Cell) -> tuple[str, str]:
+        return (c.config, c.path if c.route == "direct" else "proxied")
+
+    med = {key(c): row["us_per_req"] for c, row in summary.items()}
     if args.proxied:
         paths["proxied"] = allowed
     first = next(iter(builds))
@@ -210,7 +212,7 @@ def main() -> int:
     # Paired: the median over rounds of the difference within each round,
     # which takes out the drift between rounds (and, with --shared-envoy, the
     # process's offset).
-    raw = {(c.config, c.path if c.route == "direct" else "proxied"): v for c, v in bench.samples.items()}
+    raw = {key(c): v for c, v in bench.samples.items()}
     ref = raw.get((first, "allowed"), [])
     print(f"paired per round, above {first}'s allowed path:")
     for n in builds:
