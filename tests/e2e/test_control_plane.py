@@ -20,7 +20,8 @@ import pytest
 import harness
 from conftest import report
 
-POLL = "250ms"
+# Fractional seconds on purpose: durations are parsed as decimals.
+POLL = "0.25s"
 
 
 class FakeControlPlane:

@@ -721,6 +721,14 @@ INVALID_CONFIGS = {
         r"keygate: invalid configuration: keys\[0\]\.rate_limit\.burst: ",
     ),
     "empty_sources": ({"credential_sources": [], "keys": []}, r"keygate: invalid configuration: credential_sources: "),
+    "duration_with_two_points": (
+        {"control_plane": {"cluster": "cp", "authority": "cp.local", "poll_interval": "1.2.3s"}},
+        r'keygate: invalid configuration: control_plane\.poll_interval: "1\.2\.3s" is not a duration',
+    ),
+    "duration_with_an_exponent": (
+        {"control_plane": {"cluster": "cp", "authority": "cp.local", "timeout": "1e3ms"}},
+        r'keygate: invalid configuration: control_plane\.timeout: "1e3ms" is not a duration',
+    ),
     # Polled hourly against the default 5m: stale between every two polls.
     "staleness_shorter_than_a_poll": (
         {"control_plane": {"cluster": "cp", "authority": "cp.local", "poll_interval": "1h", "stale_policy": "fail_closed"}},
