@@ -55,22 +55,36 @@ impl Limit {
 pub struct Outcome {
     /// Whether the request is admitted.
     pub allowed: bool,
-    /// The new TAT to store (only meaningful when allowed).
+    /// Whether `new_tat` must be stored: always when admitted; when denied,
+    /// only if the stored TAT was capped (see [`take`]).
+    pub store: bool,
+    /// The TAT to store when `store` is set.
     pub new_tat: u64,
     /// Figures for the response headers.
     pub info: RateInfo,
 }
 
 /// Pure GCRA step: given the stored TAT and the monotonic time, decide.
+///
+/// Under one limit the TAT never gets further than `burst` intervals ahead
+/// of now. A TAT further ahead than that by more than one interval was
+/// written under another limit (the configuration changed: a key blocked
+/// for 1000 s whose limit is raised to 100/s): it is capped to an empty
+/// bucket of this limit, and the capped value is stored, so that the new
+/// limit applies within its own window instead of the old one's debt.
 pub fn take(limit: &Limit, tat: u64, now: u64) -> Outcome {
+    let tolerance = limit.tolerance_ns();
+    let ceiling = now.saturating_add(tolerance);
+    let capped = tat > ceiling.saturating_add(limit.interval_ns);
+    let tat = if capped { ceiling } else { tat };
     let base = tat.max(now);
     let new_tat = base.saturating_add(limit.interval_ns);
     let ahead = new_tat - now;
-    let tolerance = limit.tolerance_ns();
     if ahead > tolerance {
         let wait = ahead - tolerance;
         Outcome {
             allowed: false,
+            store: capped,
             new_tat: tat,
             info: RateInfo {
                 burst: limit.burst,
@@ -82,6 +96,7 @@ pub fn take(limit: &Limit, tat: u64, now: u64) -> Outcome {
     } else {
         Outcome {
             allowed: true,
+            store: true,
             new_tat,
             info: RateInfo {
                 burst: limit.burst,
@@ -137,7 +152,7 @@ pub enum TakeError {
 }
 
 /// Takes one token from the bucket at `key`: read, decide, CAS-write, retry.
-/// A denied request writes nothing.
+/// A denied request writes nothing, unless its TAT was capped.
 pub fn take_shared(
     store: &dyn CounterStore,
     key: &str,
@@ -166,7 +181,7 @@ pub fn take_shared(
             Err(StoreError) => return Err(TakeError::Store),
         };
         let outcome = take(limit, tat, now);
-        if !outcome.allowed {
+        if !outcome.store {
             return Ok(outcome);
         }
         match store.set(key, &encode_tat(outcome.new_tat), Some(cas)) {
@@ -291,6 +306,64 @@ mod tests {
         let l = Limit::new(1.0, 1);
         let o = take(&l, 0, 10 * S);
         assert!(!take(&l, o.new_tat, 9 * S).allowed);
+    }
+
+    #[test]
+    fn a_raised_limit_applies_within_its_own_window() {
+        let slow = Limit::new(0.001, 1); // one per 1000 s
+        let fast = Limit::new(100.0, 100); // window 1 s
+        let store = MemStore::default();
+        let now = 10 * S;
+        assert!(take_shared(&store, "k", &slow, now).unwrap().allowed);
+        let blocked = take_shared(&store, "k", &slow, now).unwrap();
+        assert_eq!(blocked.info.retry_after_secs, 1000);
+        // The configuration now says 100/s: at most one second of waiting.
+        let first = take_shared(&store, "k", &fast, now).unwrap();
+        assert!(!first.allowed);
+        assert_eq!(first.info.retry_after_secs, 1);
+        // Capped to an empty bucket of the new limit, which refills at 100/s.
+        let soon = now + S / 100;
+        assert!(take_shared(&store, "k", &fast, soon).unwrap().allowed);
+        assert!(!take_shared(&store, "k", &fast, soon).unwrap().allowed);
+        let later = now + 2 * S;
+        let after: Vec<bool> = (0..101)
+            .map(|_| take_shared(&store, "k", &fast, later).unwrap().allowed)
+            .collect();
+        assert_eq!(
+            after.iter().filter(|&&a| a).count(),
+            100,
+            "a full bucket of the new limit"
+        );
+    }
+
+    #[test]
+    fn a_lowered_burst_keeps_at_most_its_own_debt() {
+        let big = Limit::new(1.0, 100);
+        let small = Limit::new(1.0, 2);
+        let store = MemStore::default();
+        let now = 1000 * S;
+        for _ in 0..60 {
+            assert!(take_shared(&store, "k", &big, now).unwrap().allowed);
+        }
+        // 60 s of debt under the old burst; the new one allows 2 s of it.
+        let o = take_shared(&store, "k", &small, now).unwrap();
+        assert!(!o.allowed);
+        assert_eq!(o.info.retry_after_secs, 1);
+        assert!(take_shared(&store, "k", &small, now + S).unwrap().allowed);
+    }
+
+    #[test]
+    fn under_one_limit_a_denial_writes_nothing() {
+        let l = Limit::new(1.0, 3);
+        let mut tat = 0;
+        for _ in 0..3 {
+            tat = take(&l, tat, 50 * S).new_tat;
+        }
+        let denied = take(&l, tat, 50 * S);
+        assert!(!denied.allowed && !denied.store);
+        // A clock a little behind the writer's is not another limit.
+        let behind = take(&l, tat, 50 * S - S / 2);
+        assert!(!behind.allowed && !behind.store);
     }
 
     #[test]

@@ -114,3 +114,22 @@ def test_counts_made_just_before_a_reload_are_not_lost(envoy_fn):
     assert wait_until(lambda: envoy.counter("keygate.allowed") - before == 7, timeout=5), envoy.counter(
         "keygate.allowed"
     ) - before
+
+
+def test_raising_a_blocked_keys_limit_unblocks_it_within_the_new_window(envoy_fn):
+    """A key blocked for 1000 s whose limit is then raised to 100/s (burst
+    100) is served again within the new limit's window (1 s), not after the
+    old limit's debt; its 429s meanwhile say so."""
+    blocked = {"requests_per_second": 0.001, "burst": 1}
+    envoy = envoy_fn({"keys": [key_entry("k1", K1, blocked)]}, dynamic_listener=True)
+    assert [status(envoy, K1) for _ in range(2)] == [200, 429]
+    envoy.reconfigure({"keys": [key_entry("k1", K1, {"requests_per_second": 100, "burst": 100})]})
+    t0 = time.monotonic()
+    r = envoy.request("GET", unique_path(), [xkey(K1)])
+    if r.status == 429:
+        assert int(r.header("retry-after")) <= 1, r
+    assert wait_until(lambda: status(envoy, K1) == 200, timeout=3, interval=0.05)
+    assert time.monotonic() - t0 < 2.5
+    # The bucket refills at the new rate: a window later, a burst of 50 passes.
+    time.sleep(1.1)
+    assert [status(envoy, K1) for _ in range(50)].count(200) == 50
