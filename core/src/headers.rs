@@ -154,6 +154,19 @@ fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(bytes))
 }
 
+/// Header names equal after lowercasing and mapping `_` to `-`: the names
+/// that CGI-style servers (`HTTP_X_API_KEY`) cannot tell apart.
+pub fn same_header(a: &[u8], b: &[u8]) -> bool {
+    let fold = |c: u8| {
+        if c == b'_' {
+            b'-'
+        } else {
+            c.to_ascii_lowercase()
+        }
+    };
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| fold(*x) == fold(*y))
+}
+
 /// Encodes pairs in the proxy-wasm serialization (the inverse of [`HeaderMap::decode`]).
 pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();

@@ -12,7 +12,7 @@ use crate::config::{
 use crate::control::{ControlPlane, StalePolicy};
 use crate::credential::{Credential, Extractor, Source};
 use crate::denial::{Denial, DenyCode, RateInfo};
-use crate::headers::HeaderMap;
+use crate::headers::{same_header, HeaderMap};
 use crate::keys::{
     self, parse_digest, BucketName, Clash, Digest, KeyMeta, KeyRef, KeySet, KeyStore,
     KeyStoreBuilder, Profile,
@@ -578,7 +578,7 @@ impl Policy {
             )),
             BodyValue::Duplicate => Err(Denial::new(
                 DenyCode::AmbiguousAttribute,
-                "a field repeated in the JSON body",
+                "a field repeated in the JSON body, or the field beside a copy differing in case",
             )),
         }
     }
@@ -1277,21 +1277,6 @@ fn is_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-/// Header names equal after lowercasing and mapping `_` to `-`.
-fn same_header(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            let n = |c: u8| {
-                if c == b'_' {
-                    b'-'
-                } else {
-                    c.to_ascii_lowercase()
-                }
-            };
-            n(*x) == n(*y)
-        })
 }
 
 #[cfg(test)]

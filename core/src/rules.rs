@@ -2,7 +2,7 @@
 
 use crate::config::{AttributeConfig, MatchConfig};
 use crate::credential::Extractor;
-use crate::headers::HeaderMap;
+use crate::headers::{same_header, HeaderMap};
 use crate::ratelimit::Limit;
 
 /// The parts of a request that rules look at, borrowed from the header map.
@@ -143,28 +143,41 @@ impl Attribute {
     /// Reads a header or query value. `None` if absent (or a body attribute).
     ///
     /// A header or parameter given more than once is [`AttrValue::Repeated`]:
-    /// backends disagree on which copy counts, so no copy is trusted.
+    /// backends disagree on which copy counts, so no copy is trusted. Copies
+    /// count across spellings a backend may merge: a header's case and
+    /// `_`/`-`, a query parameter's case (ASP.NET binds it case-insensitively).
     pub fn read_from_request(&self, headers: &HeaderMap<'_>, line: &RequestLine<'_>) -> AttrValue {
-        let single = |mut values: Box<dyn Iterator<Item = Option<String>> + '_>| match (
-            values.next(),
-            values.next(),
-        ) {
-            (None, _) => AttrValue::Absent,
-            (Some(_), Some(_)) => AttrValue::Repeated,
-            (Some(Some(v)), None) => AttrValue::Found(v),
-            (Some(None), None) => AttrValue::Absent,
+        // Each candidate: whether it has the exact name, and its value. Only
+        // the exact name gives the value; other spellings count as copies.
+        let single = |candidates: &mut dyn Iterator<Item = (bool, Option<String>)>| {
+            let (mut copies, mut value) = (0, None);
+            for (exact, v) in candidates {
+                copies += 1;
+                if exact {
+                    value = v;
+                }
+            }
+            match (copies, value) {
+                (2.., _) => AttrValue::Repeated,
+                (_, Some(v)) => AttrValue::Found(v),
+                _ => AttrValue::Absent,
+            }
         };
         match self {
-            Attribute::Header(h) => single(Box::new(
-                headers
-                    .get_all(h)
-                    .map(|v| std::str::from_utf8(v).ok().map(str::to_string)),
-            )),
-            Attribute::Query(name) => single(Box::new(
-                form_urlencoded::parse(line.query)
-                    .filter(|(k, _)| k == name)
-                    .map(|(_, v)| Some(v.into_owned())),
-            )),
+            Attribute::Header(h) => single(
+                &mut headers
+                    .iter()
+                    .filter(|(n, _)| same_header(n, h))
+                    .map(|(n, v)| {
+                        let value = std::str::from_utf8(v).ok().map(str::to_string);
+                        (n.eq_ignore_ascii_case(h), value)
+                    }),
+            ),
+            Attribute::Query(name) => single(
+                &mut form_urlencoded::parse(line.query)
+                    .filter(|(k, _)| same_name_ignoring_case(k, name))
+                    .map(|(k, v)| (k == name.as_str(), Some(v.into_owned()))),
+            ),
             Attribute::JsonBody(_) => AttrValue::Absent,
         }
     }
@@ -190,9 +203,68 @@ pub enum BodyValue {
     NotJson,
     /// The field is absent, null, or an object/array.
     Missing,
-    /// An object in the body names one field twice: parsers disagree on
-    /// which copy counts, so the backend might not read the value checked.
+    /// An object in the body names one field twice, or the field read
+    /// beside a copy differing only in case: parsers disagree on which copy
+    /// counts (Go's `encoding/json` matches names case-insensitively), so the
+    /// backend might not read the value checked.
     Duplicate,
+}
+
+/// Names that a case-insensitive reader takes for one another: ASCII letters
+/// in either case, and the two other characters that Unicode case folding
+/// maps to ASCII letters (the Kelvin sign to `k`, the long `ſ` to `s`), as Go's
+/// `strings.EqualFold` has it. Other non-ASCII letters compare as they are:
+/// full case tables would add about 27 KB to the module.
+pub fn same_name_ignoring_case(a: &str, b: &str) -> bool {
+    let fold = |c: char| match c {
+        '\u{212A}' => 'k',
+        '\u{17F}' => 's',
+        c => c.to_ascii_lowercase(),
+    };
+    a.chars().map(fold).eq(b.chars().map(fold))
+}
+
+/// Follows the JSON pointer `pointer` (RFC 6901) in `doc`. `Err` when an
+/// object on the way holds the next name more than once up to case.
+fn follow<'v>(
+    doc: &'v serde_json::Value,
+    pointer: &str,
+) -> Result<Option<&'v serde_json::Value>, ()> {
+    let Some(tokens) = pointer.strip_prefix('/') else {
+        return Ok(pointer.is_empty().then_some(doc));
+    };
+    let mut at = doc;
+    for raw in tokens.split('/') {
+        let token = raw.replace("~1", "/").replace("~0", "~");
+        at = match at {
+            serde_json::Value::Object(fields) => {
+                if fields
+                    .keys()
+                    .filter(|k| same_name_ignoring_case(k, &token))
+                    .count()
+                    > 1
+                {
+                    return Err(());
+                }
+                match fields.get(&token) {
+                    Some(v) => v,
+                    None => return Ok(None),
+                }
+            }
+            serde_json::Value::Array(items) => {
+                // RFC 6901 indices: digits only, no leading zero.
+                let index = (!token.starts_with('+') && (token == "0" || !token.starts_with('0')))
+                    .then(|| token.parse::<usize>().ok())
+                    .flatten();
+                match index.and_then(|i| items.get(i)) {
+                    Some(v) => v,
+                    None => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        };
+    }
+    Ok(Some(at))
 }
 
 /// Extracts `pointer` from a JSON body (an empty body is not JSON).
@@ -203,12 +275,13 @@ pub fn read_json_body(body: &[u8], pointer: &str) -> BodyValue {
         Err(e) if e.classify() == serde_json::error::Category::Data => return BodyValue::Duplicate,
         Err(_) => return BodyValue::NotJson,
     };
-    match doc.pointer(pointer) {
-        Some(serde_json::Value::String(s)) => BodyValue::Found(s.clone()),
-        Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+    match follow(&doc, pointer) {
+        Ok(Some(serde_json::Value::String(s))) => BodyValue::Found(s.clone()),
+        Ok(Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)))) => {
             BodyValue::Found(v.to_string())
         }
-        _ => BodyValue::Missing,
+        Ok(_) => BodyValue::Missing,
+        Err(()) => BodyValue::Duplicate,
     }
 }
 
@@ -462,6 +535,86 @@ mod tests {
         assert_eq!(
             read_json_body(br#"{"a":{"b":1.5e3,"c":[true,null,-2]}}"#, "/a/b"),
             BodyValue::Found("1500.0".into())
+        );
+    }
+
+    #[test]
+    fn copies_differing_in_case_are_ambiguous_on_the_path_read() {
+        let dup = |body: &str, pointer: &str| read_json_body(body.as_bytes(), pointer);
+        assert_eq!(
+            dup(r#"{"campaign":"c-17","CAMPAIGN":"c-99"}"#, "/campaign"),
+            BodyValue::Duplicate
+        );
+        assert_eq!(
+            dup(r#"{"Campaign":"c-99","campaign":"c-17"}"#, "/campaign"),
+            BodyValue::Duplicate
+        );
+        // On the way to the field, too; the Kelvin sign folds to k, the long s to s.
+        assert_eq!(
+            dup(r#"{"o":{"k":"c-17"},"O":{"k":"c-99"}}"#, "/o/k"),
+            BodyValue::Duplicate
+        );
+        assert_eq!(
+            dup(r#"{"k":"c-17","\u212a":"c-99"}"#, "/k"),
+            BodyValue::Duplicate
+        );
+        assert_eq!(
+            dup(r#"{"\u017fid":"c-99","SID":"c-17"}"#, "/SID"),
+            BodyValue::Duplicate
+        );
+        // Elsewhere in the document, case variants are other fields.
+        assert_eq!(
+            dup(r#"{"campaign":"c-17","meta":{"x":1,"X":2}}"#, "/campaign"),
+            BodyValue::Found("c-17".into())
+        );
+        // Only a case variant of the field: the field is absent.
+        assert_eq!(
+            dup(r#"{"CAMPAIGN":"c-17"}"#, "/campaign"),
+            BodyValue::Missing
+        );
+        // Array indices as RFC 6901 has them; escapes in names.
+        assert_eq!(dup(r#"{"a":[5,6]}"#, "/a/1"), BodyValue::Found("6".into()));
+        assert_eq!(dup(r#"{"a":[5,6]}"#, "/a/01"), BodyValue::Missing);
+        assert_eq!(dup(r#"{"a":[5,6]}"#, "/a/+1"), BodyValue::Missing);
+        assert_eq!(
+            dup(r#"{"a/b":{"c~d":7}}"#, "/a~1b/c~0d"),
+            BodyValue::Found("7".into())
+        );
+    }
+
+    #[test]
+    fn header_and_query_copies_count_across_spellings() {
+        let (map, l) = line(&[
+            (":path", "/?campaign=c-17&Campaign=c-99"),
+            ("x-campaign", "c-17"),
+            ("x_campaign", "c-99"),
+        ]);
+        assert_eq!(
+            Attribute::Query("campaign".into()).read_from_request(&map, &l),
+            AttrValue::Repeated
+        );
+        assert_eq!(
+            Attribute::Header(b"x-campaign".to_vec()).read_from_request(&map, &l),
+            AttrValue::Repeated
+        );
+        let (one, l) = line(&[(":path", "/?campaign=c-17"), ("X-Campaign", "c-17")]);
+        // Another spelling alone is not the attribute.
+        let (variant, vl) = line(&[(":path", "/?Campaign=c-17"), ("x_campaign", "c-17")]);
+        assert_eq!(
+            Attribute::Query("campaign".into()).read_from_request(&variant, &vl),
+            AttrValue::Absent
+        );
+        assert_eq!(
+            Attribute::Header(b"x-campaign".to_vec()).read_from_request(&variant, &vl),
+            AttrValue::Absent
+        );
+        assert_eq!(
+            Attribute::Header(b"x-campaign".to_vec()).read_from_request(&one, &l),
+            AttrValue::Found("c-17".into())
+        );
+        assert_eq!(
+            Attribute::Query("campaign".into()).read_from_request(&one, &l),
+            AttrValue::Found("c-17".into())
         );
     }
 

@@ -570,6 +570,24 @@ def test_header_attachment_repeated_header(authz, backend):
     assert not backend.saw(p), "a request naming an unattached campaign reached the backend"
 
 
+def test_header_attachment_underscore_copy(authz, backend):
+    """`x_campaign` beside `x-campaign`: CGI-style servers merge both into
+    HTTP_X_CAMPAIGN, so the copy makes the value ambiguous. Alone, it is not
+    the attribute."""
+    p = "/attach/header?u=" + secrets.token_hex(4)
+    r = call(authz, "GET", p, READER, headers=[("x-campaign", "c-17"), ("x_campaign", "c-99")])
+    denied(r, backend, p, "ambiguous_attribute", secrets_=(READER,))
+    p = "/attach/header?u=" + secrets.token_hex(4)
+    denied(call(authz, "GET", p, READER, headers=[("x_campaign", "c-17")]), backend, p, "missing_attribute")
+
+
+def test_query_attachment_case_copy(authz, backend):
+    """`Campaign` beside `campaign`: ASP.NET binds query parameters ignoring
+    case, so the copy makes the value ambiguous."""
+    p = "/attach/query?campaign=c-17&Campaign=c-99&n=" + secrets.token_hex(4)
+    denied(call(authz, "GET", p, READER), backend, p, "ambiguous_attribute", secrets_=(READER,))
+
+
 def test_query_attachment(authz, backend):
     for q in ("campaign=c-17", "campaign=c%2D17", "x=1&campaign=c-42&y=2"):
         p = f"/attach/query?{q}"
@@ -629,6 +647,13 @@ BODY_CASES = {
     "duplicate_first_unattached": ("/attach/body/", b'{"campaign": "c-99", "campaign": "c-17"}', "ambiguous_attribute"),
     "duplicate_elsewhere": ("/attach/body/", b'{"campaign": "c-17", "meta": {"x": 1, "x": 2}}', "ambiguous_attribute"),
     "same_name_in_two_objects": ("/attach/body/", b'{"campaign": "c-17", "a": {"x": 1}, "b": {"x": 2}}', None),
+    # Go's encoding/json (and ASP.NET's defaults) match names ignoring case:
+    # such a backend may read the unattached copy.
+    "case_copy_unattached": ("/attach/body/", b'{"campaign": "c-17", "CAMPAIGN": "c-99"}', "ambiguous_attribute"),
+    "case_copy_first": ("/attach/body/", b'{"Campaign": "c-99", "campaign": "c-17"}', "ambiguous_attribute"),
+    "case_copy_on_the_pointer": ("/attach/pointer/", b'{"lead": {"campaign": {"id": "c-42"}}, "LEAD": {}}', "ambiguous_attribute"),
+    "case_variant_only": ("/attach/body/", b'{"Campaign": "c-17"}', "missing_attribute"),
+    "case_variants_elsewhere": ("/attach/body/", b'{"campaign": "c-17", "meta": {"x": 1, "X": 2}}', None),
 }
 
 
