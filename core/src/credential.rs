@@ -170,7 +170,9 @@ fn malformed(reason: &'static str) -> Denial {
     Denial::new(DenyCode::MalformedApiKey, reason)
 }
 
-/// The value of `name` if it appears once; a denial if it appears twice.
+/// The value of `name` if it appears once, without surrounding spaces and
+/// tabs (which are not part of a field value; Envoy trims them from HTTP/1.1
+/// but passes them on from HTTP/2); a denial if it appears twice.
 fn single<'a>(headers: &HeaderMap<'a>, name: &[u8]) -> Result<Option<&'a [u8]>, Denial> {
     let mut values = headers.get_all(name);
     let first = values.next();
@@ -180,7 +182,15 @@ fn single<'a>(headers: &HeaderMap<'a>, name: &[u8]) -> Result<Option<&'a [u8]>, 
             "credential header repeated",
         ));
     }
-    Ok(first)
+    Ok(first.map(trim_ows))
+}
+
+/// `v` without leading and trailing spaces and tabs.
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = v.iter().position(|b| !ows(b)).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !ows(b)).map_or(start, |i| i + 1);
+    v.get(start..end).unwrap_or_default()
 }
 
 fn agree<'a>(found: &mut Option<&'a [u8]>, key: &'a [u8]) -> Result<(), Denial> {
@@ -253,6 +263,30 @@ mod tests {
         ] {
             assert_eq!(run(&e, &[("authorization", v)]).unwrap().key, b"AbC");
         }
+    }
+
+    #[test]
+    fn spaces_and_tabs_around_a_value_are_not_part_of_it() {
+        let both = ex(&[Source::Header(b"x-api-key".to_vec()), Source::Bearer]);
+        for h in [
+            &[("x-api-key", &b" abc "[..])][..],
+            &[("x-api-key", b"\tabc\t")],
+            &[("authorization", b" Bearer abc ")],
+            &[("authorization", b"Bearer abc\t"), ("x-api-key", b"abc ")],
+        ] {
+            assert_eq!(run(&both, h).unwrap().key, b"abc", "{h:?}");
+        }
+        for v in [&b"Bearer\tabc"[..], b"Bearer a bc", b"  ", b"Bearer  "] {
+            assert_eq!(
+                code(run(&both, &[("authorization", v)])),
+                "malformed_api_key",
+                "{v:?}"
+            );
+        }
+        assert_eq!(
+            code(run(&both, &[("x-api-key", b" \t ")])),
+            "malformed_api_key"
+        );
     }
 
     #[test]

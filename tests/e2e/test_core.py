@@ -868,3 +868,18 @@ def test_zz_gate_vm_never_crashed(gate, variant, header_only):
     """Runs last in this module: after everything above, no VM panicked or reloaded."""
     for envoy in (gate, variant, header_only):
         assert_vm_healthy(envoy)
+
+
+def test_spaces_around_a_key_are_trimmed_on_both_protocols(gate, backend):
+    """Envoy trims spaces around HTTP/1.1 header values but passes them on
+    from HTTP/2; either way they are not part of the key."""
+    for name, value in (("x-api-key", f" {ALPHA} "), ("x-api-key", f"\t{ALPHA}"), ("authorization", f" Bearer {OTHER} ")):
+        p = unique_path()
+        r = harness.h2_exchange(gate.port, "GET", p, [(name, value)])
+        assert_allowed(r.response(), backend, p, "alpha" if name == "x-api-key" else "other")
+        p = unique_path()
+        assert_allowed(gate.request("GET", p, [(name, value)]), backend, p, "alpha" if name == "x-api-key" else "other")
+    # Inside the Authorization value, a tab is not the space after the scheme.
+    p = unique_path()
+    r = harness.h2_exchange(gate.port, "GET", p, [("authorization", f"Bearer\t{OTHER}")])
+    assert_denied(r.response(), "malformed_api_key", backend=backend, path=p, secrets_=(OTHER,))
