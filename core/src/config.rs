@@ -166,10 +166,12 @@ pub enum SourceConfig {
         /// Header name (case-insensitive).
         name: String,
     },
-    /// `Authorization: Bearer <key>` (scheme case-insensitive).
-    Bearer,
+    /// `Authorization: Bearer <key>` (scheme case-insensitive). Written with
+    /// braces so that serde refuses fields it does not have (`"scheme"`,
+    /// `"prefix"`): on a unit variant of a tagged enum it ignores them.
+    Bearer {},
     /// `Authorization: <key>` with no scheme.
-    Bare,
+    Bare {},
 }
 
 /// One key record.
@@ -196,7 +198,11 @@ pub struct KeyConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_cidrs: Vec<String>,
     /// Named sets of values the key is attached to, e.g. `{"campaigns": ["c-17"]}`.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty",
+        deserialize_with = "unique_sets"
+    )]
     pub attachments: std::collections::BTreeMap<String, Vec<String>>,
     /// Free-form label for people (shown in logs and `keygate keys list`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -219,12 +225,43 @@ pub struct RateLimitConfig {
     pub burst: i64,
 }
 
+/// An object of string lists, refusing a name given twice: serde would keep
+/// the last copy and silently drop the other's values.
+fn unique_sets<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, D::Error> {
+    struct Sets;
+    impl<'de> serde::de::Visitor<'de> for Sets {
+        type Value = std::collections::BTreeMap<String, Vec<String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of lists of strings")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut sets = Self::Value::new();
+            while let Some(name) = map.next_key::<String>()? {
+                let values: Vec<String> = map.next_value()?;
+                if sets.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "{name:?} is given twice"
+                    )));
+                }
+                sets.insert(name, values);
+            }
+            Ok(sets)
+        }
+    }
+    d.deserialize_map(Sets)
+}
+
 fn default_sources() -> Vec<SourceConfig> {
     vec![
         SourceConfig::Header {
             name: "x-api-key".into(),
         },
-        SourceConfig::Bearer,
+        SourceConfig::Bearer {},
     ]
 }
 

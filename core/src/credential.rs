@@ -21,8 +21,8 @@ impl From<&SourceConfig> for Source {
     fn from(c: &SourceConfig) -> Self {
         match c {
             SourceConfig::Header { name } => Source::Header(name.to_ascii_lowercase().into_bytes()),
-            SourceConfig::Bearer => Source::Bearer,
-            SourceConfig::Bare => Source::Bare,
+            SourceConfig::Bearer {} => Source::Bearer,
+            SourceConfig::Bare {} => Source::Bare,
         }
     }
 }

@@ -200,10 +200,18 @@ impl Policy {
                 format!("{:?} is not a valid header name", cfg.identity_header),
             ));
         }
+        if let Some(why) = managed_header(&identity) {
+            errors.push(err(
+                "identity_header",
+                format!("{:?} cannot carry the key id: {why}", cfg.identity_header),
+            ));
+        }
+        // Client copies of the identity header are removed in every spelling
+        // (`_` for `-`), so a credential header spelled alike would go too.
         let credential_header = |sources: &[SourceConfig]| {
-            sources
-                .iter()
-                .any(|s| matches!(s, SourceConfig::Header { name } if name.eq_ignore_ascii_case(&identity)))
+            sources.iter().any(|s| {
+                matches!(s, SourceConfig::Header { name } if same_header(name.as_bytes(), identity.as_bytes()))
+            })
         };
         if credential_header(&cfg.credential_sources)
             || cfg.rules.iter().any(|r| {
@@ -211,11 +219,11 @@ impl Policy {
                     .as_deref()
                     .is_some_and(credential_header)
             })
-            || identity == "authorization"
+            || same_header(identity.as_bytes(), b"authorization")
         {
             errors.push(err(
                 "identity_header",
-                "must differ from every credential header",
+                "must differ from every credential header, also when spelled with '_' for '-'",
             ));
         }
         if !(1..=4096).contains(&cfg.max_key_length) {
@@ -681,6 +689,11 @@ fn compile_sources(
                     format!("{field}.name"),
                     "use {\"type\":\"bearer\"} or {\"type\":\"bare\"} for Authorization",
                 ));
+            } else if let Some(why) = managed_header(&name.to_ascii_lowercase()) {
+                errors.push(err(
+                    format!("{field}.name"),
+                    format!("{name:?} cannot carry a key: {why}"),
+                ));
             }
         }
         if !seen.insert(Source::from(s)) {
@@ -1108,6 +1121,12 @@ fn compile_rules(cfg: &Config, errors: &mut Vec<ConfigError>) -> Vec<Rule> {
         for (key, p) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
             if p.as_ref().is_some_and(|p| !p.starts_with('/')) {
                 errors.push(err(format!("{field}.match.{key}"), "must start with '/'"));
+            } else if p.as_ref().is_some_and(|p| p.contains(['?', '#'])) {
+                errors.push(err(
+                    format!("{field}.match.{key}"),
+                    "must not hold '?' or '#': the path is compared without its query, so the rule \
+                     would never match (match a query parameter with an attachment instead)",
+                ));
             }
         }
         for (j, method) in m.methods.iter().enumerate() {
@@ -1205,6 +1224,12 @@ fn compile_requirement(
                 format!("{field}.attachment.from.json_body"),
                 "must name a field",
             )),
+            Attribute::JsonBody(p) if p.split('~').skip(1).any(|t| !t.starts_with(['0', '1'])) => {
+                errors.push(err(
+                    format!("{field}.attachment.from.json_body"),
+                    "in a JSON pointer, '~' is written ~0 and '/' in a name ~1 (RFC 6901)",
+                ))
+            }
             _ => {}
         }
         AttachmentCheck {
@@ -1273,6 +1298,21 @@ fn is_word(s: &str) -> bool {
 }
 
 /// HTTP token characters only (RFC 9110), not a pseudo-header.
+/// Why Envoy's handling of the (lowercased) header `name` keeps it from
+/// carrying a key or a key id, if it does.
+fn managed_header(name: &str) -> Option<&'static str> {
+    match name {
+        "host" => Some("Envoy holds it as :authority"),
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
+        | "te" | "trailer" => Some("a hop-by-hop header, which Envoy does not pass on"),
+        "content-length" | "content-type" | "content-encoding" | "expect" => {
+            Some("it describes the request body")
+        }
+        n if n.starts_with("x-envoy-") => Some("Envoy sets and trusts x-envoy-* headers"),
+        _ => None,
+    }
+}
+
 fn is_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
@@ -1377,6 +1417,49 @@ mod tests {
             (
                 r#"{"identity_header":"x-api-key"}"#.into(),
                 "identity_header: must differ",
+            ),
+            (
+                r#"{"identity_header":"x_api_key","strip_credentials":false}"#.into(),
+                "identity_header: must differ",
+            ),
+            (
+                r#"{"identity_header":"Host"}"#.into(),
+                "identity_header: \"Host\" cannot carry the key id",
+            ),
+            (
+                r#"{"identity_header":"content-length"}"#.into(),
+                "identity_header: \"content-length\" cannot carry the key id",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"header","name":"host"}]}"#.into(),
+                "credential_sources[0].name: \"host\" cannot carry a key",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"bearer","scheme":"Token"}]}"#.into(),
+                "credential_sources[0]: unknown field `scheme`",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"bare","prefix":"Token "}]}"#.into(),
+                "credential_sources[0]: unknown field `prefix`",
+            ),
+            (
+                r#"{"rules":[{"action":"require","attachment":{"set":"c","from":{"json_body":"/a~2"}}}]}"#
+                    .into(),
+                "rules[0].attachment.from.json_body: in a JSON pointer",
+            ),
+            (
+                format!(
+                    r#"{{"keys":[{{"id":"a","sha256":"{good}","attachments":{{"c":["x"],"c":["y"]}}}}]}}"#
+                ),
+                "keys[0].attachments: \"c\" is given twice",
+            ),
+            (
+                r#"{"rules":[{"match":{"path":"/a?b=1"},"action":"deny"}]}"#.into(),
+                "rules[0].match.path: must not hold '?'",
+            ),
+            (
+                r#"{"rules":[{"match":{"path_prefix":"/a#x"},"action":"deny"}]}"#.into(),
+                "rules[0].match.path_prefix: must not hold '?' or '#'",
             ),
             (r#"{"max_key_length":0}"#.into(), "max_key_length"),
             (

@@ -721,6 +721,39 @@ INVALID_CONFIGS = {
         r"keygate: invalid configuration: keys\[0\]\.rate_limit\.burst: ",
     ),
     "empty_sources": ({"credential_sources": [], "keys": []}, r"keygate: invalid configuration: credential_sources: "),
+    "identity_header_host": ({"identity_header": "host"}, r'keygate: invalid configuration: identity_header: "host" cannot carry the key id'),
+    "identity_header_content_length": (
+        {"identity_header": "content-length"},
+        r'keygate: invalid configuration: identity_header: "content-length" cannot carry the key id',
+    ),
+    "identity_header_credential_with_underscore": (
+        {"identity_header": "x_api_key", "strip_credentials": False},
+        r"keygate: invalid configuration: identity_header: must differ from every credential header",
+    ),
+    "source_host_header": (
+        {"credential_sources": [{"type": "header", "name": "Host"}]},
+        r'keygate: invalid configuration: credential_sources\[0\]\.name: "Host" cannot carry a key',
+    ),
+    "bearer_with_a_scheme_field": (
+        {"credential_sources": [{"type": "bearer", "scheme": "Token"}]},
+        r"keygate: invalid configuration: credential_sources\[0\]: unknown field `scheme`",
+    ),
+    "rule_path_with_query": (
+        {"rules": [{"match": {"path": "/a?b=1"}, "action": "deny"}]},
+        r"keygate: invalid configuration: rules\[0\]\.match\.path: must not hold '\?'",
+    ),
+    "rule_path_prefix_with_query": (
+        {"rules": [{"match": {"path_prefix": "/a?admin"}, "action": "deny"}]},
+        r"keygate: invalid configuration: rules\[0\]\.match\.path_prefix: must not hold '\?'",
+    ),
+    "attachment_set_given_twice": (
+        '{"keys": [{"id": "a", "sha256": "' + sha256_hex(_K) + '", "attachments": {"c": ["x"], "c": ["y"]}}]}',
+        r'keygate: invalid configuration: keys\[0\]\.attachments: "c" is given twice',
+    ),
+    "json_pointer_bad_escape": (
+        {"rules": [{"action": "require", "attachment": {"set": "c", "from": {"json_body": "/a~2"}}}]},
+        r"keygate: invalid configuration: rules\[0\]\.attachment\.from\.json_body: in a JSON pointer",
+    ),
     "duration_with_two_points": (
         {"control_plane": {"cluster": "cp", "authority": "cp.local", "poll_interval": "1.2.3s"}},
         r'keygate: invalid configuration: control_plane\.poll_interval: "1\.2\.3s" is not a duration',
