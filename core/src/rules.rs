@@ -235,7 +235,12 @@ fn follow<'v>(
     };
     let mut at = doc;
     for raw in tokens.split('/') {
-        let token = raw.replace("~1", "/").replace("~0", "~");
+        // Unescaped only when it holds an escape: most names have none.
+        let token: std::borrow::Cow<'_, str> = if raw.contains('~') {
+            raw.replace("~1", "/").replace("~0", "~").into()
+        } else {
+            raw.into()
+        };
         at = match at {
             serde_json::Value::Object(fields) => {
                 if fields
@@ -246,7 +251,7 @@ fn follow<'v>(
                 {
                     return Err(());
                 }
-                match fields.get(&token) {
+                match fields.get(&*token) {
                     Some(v) => v,
                     None => return Ok(None),
                 }
