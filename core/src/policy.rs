@@ -1220,11 +1220,16 @@ fn compile_requirement(
                 format!("{field}.attachment.from.query"),
                 "must not be empty",
             )),
-            Attribute::JsonBody(p) if p.len() < 2 => errors.push(err(
+            Attribute::JsonBody(p) if p.as_str().len() < 2 => errors.push(err(
                 format!("{field}.attachment.from.json_body"),
                 "must name a field",
             )),
-            Attribute::JsonBody(p) if p.split('~').skip(1).any(|t| !t.starts_with(['0', '1'])) => {
+            Attribute::JsonBody(p)
+                if p.as_str()
+                    .split('~')
+                    .skip(1)
+                    .any(|t| !t.starts_with(['0', '1'])) =>
+            {
                 errors.push(err(
                     format!("{field}.attachment.from.json_body"),
                     "in a JSON pointer, '~' is written ~0 and '/' in a name ~1 (RFC 6901)",

@@ -118,7 +118,38 @@ pub enum Attribute {
     /// A query parameter.
     Query(String),
     /// A JSON pointer into the request body.
-    JsonBody(String),
+    JsonBody(JsonPointer),
+}
+
+/// A JSON pointer (RFC 6901), split into unescaped names once, at
+/// configuration time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonPointer {
+    text: String,
+    names: Vec<String>,
+}
+
+impl JsonPointer {
+    /// From its text: empty (the whole document) or `/`-separated names with
+    /// `~1` for `/` and `~0` for `~`.
+    pub fn parse(text: &str) -> Self {
+        let names = match text.strip_prefix('/') {
+            Some(rest) => rest
+                .split('/')
+                .map(|n| n.replace("~1", "/").replace("~0", "~"))
+                .collect(),
+            None => Vec::new(),
+        };
+        JsonPointer {
+            text: text.to_string(),
+            names,
+        }
+    }
+
+    /// The pointer as configured.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
 }
 
 impl From<&AttributeConfig> for Attribute {
@@ -126,10 +157,13 @@ impl From<&AttributeConfig> for Attribute {
         match a {
             AttributeConfig::Header(h) => Attribute::Header(h.to_ascii_lowercase().into_bytes()),
             AttributeConfig::Query(q) => Attribute::Query(q.clone()),
-            AttributeConfig::JsonBody(p) if p.starts_with('/') => Attribute::JsonBody(p.clone()),
-            AttributeConfig::JsonBody(p) => {
-                Attribute::JsonBody(format!("/{}", p.replace('~', "~0").replace('/', "~1")))
+            AttributeConfig::JsonBody(p) if p.starts_with('/') => {
+                Attribute::JsonBody(JsonPointer::parse(p))
             }
+            AttributeConfig::JsonBody(p) => Attribute::JsonBody(JsonPointer::parse(&format!(
+                "/{}",
+                p.replace('~', "~0").replace('/', "~1")
+            ))),
         }
     }
 }
@@ -224,34 +258,25 @@ pub fn same_name_ignoring_case(a: &str, b: &str) -> bool {
     a.chars().map(fold).eq(b.chars().map(fold))
 }
 
-/// Follows the JSON pointer `pointer` (RFC 6901) in `doc`. `Err` when an
-/// object on the way holds the next name more than once up to case.
+/// Follows `pointer` in `doc`. `Err` when an object on the way holds the
+/// next name more than once up to case.
 fn follow<'v>(
     doc: &'v serde_json::Value,
-    pointer: &str,
+    pointer: &JsonPointer,
 ) -> Result<Option<&'v serde_json::Value>, ()> {
-    let Some(tokens) = pointer.strip_prefix('/') else {
-        return Ok(pointer.is_empty().then_some(doc));
-    };
     let mut at = doc;
-    for raw in tokens.split('/') {
-        // Unescaped only when it holds an escape: most names have none.
-        let token: std::borrow::Cow<'_, str> = if raw.contains('~') {
-            raw.replace("~1", "/").replace("~0", "~").into()
-        } else {
-            raw.into()
-        };
+    for token in &pointer.names {
         at = match at {
             serde_json::Value::Object(fields) => {
                 if fields
                     .keys()
-                    .filter(|k| same_name_ignoring_case(k, &token))
+                    .filter(|k| same_name_ignoring_case(k, token))
                     .count()
                     > 1
                 {
                     return Err(());
                 }
-                match fields.get(&*token) {
+                match fields.get(token) {
                     Some(v) => v,
                     None => return Ok(None),
                 }
@@ -273,7 +298,7 @@ fn follow<'v>(
 }
 
 /// Extracts `pointer` from a JSON body (an empty body is not JSON).
-pub fn read_json_body(body: &[u8], pointer: &str) -> BodyValue {
+pub fn read_json_body(body: &[u8], pointer: &JsonPointer) -> BodyValue {
     let doc = match serde_json::from_slice::<UniqueFields>(body) {
         Ok(UniqueFields(doc)) => doc,
         // The visitor's only error is a repeated field; the rest is syntax.
@@ -510,42 +535,71 @@ mod tests {
             AttrValue::Absent
         );
         let top = Attribute::from(&AttributeConfig::JsonBody("flo_campaign_id".into()));
-        assert_eq!(top, Attribute::JsonBody("/flo_campaign_id".into()));
         assert_eq!(
-            read_json_body(br#"{"flo_campaign_id":"c-17"}"#, "/flo_campaign_id"),
+            top,
+            Attribute::JsonBody(JsonPointer::parse("/flo_campaign_id"))
+        );
+        assert_eq!(
+            read_json_body(
+                br#"{"flo_campaign_id":"c-17"}"#,
+                &JsonPointer::parse("/flo_campaign_id")
+            ),
             BodyValue::Found("c-17".into())
         );
         assert_eq!(
-            read_json_body(br#"{"a":{"b":[1,17]}}"#, "/a/b/1"),
+            read_json_body(br#"{"a":{"b":[1,17]}}"#, &JsonPointer::parse("/a/b/1")),
             BodyValue::Found("17".into())
         );
         assert_eq!(
-            read_json_body(br#"{"a":1}"#, "/flo_campaign_id"),
+            read_json_body(br#"{"a":1}"#, &JsonPointer::parse("/flo_campaign_id")),
             BodyValue::Missing
         );
-        assert_eq!(read_json_body(br#"{"a":"#, "/a"), BodyValue::NotJson);
-        assert_eq!(read_json_body(br#"{"a":null}"#, "/a"), BodyValue::Missing);
-        assert_eq!(read_json_body(b"", "/a"), BodyValue::NotJson);
-        assert_eq!(read_json_body(b"[1, 2", "/a"), BodyValue::NotJson);
-        assert_eq!(read_json_body(b"\"text", "/a"), BodyValue::NotJson);
+        assert_eq!(
+            read_json_body(br#"{"a":"#, &JsonPointer::parse("/a")),
+            BodyValue::NotJson
+        );
+        assert_eq!(
+            read_json_body(br#"{"a":null}"#, &JsonPointer::parse("/a")),
+            BodyValue::Missing
+        );
+        assert_eq!(
+            read_json_body(b"", &JsonPointer::parse("/a")),
+            BodyValue::NotJson
+        );
+        assert_eq!(
+            read_json_body(b"[1, 2", &JsonPointer::parse("/a")),
+            BodyValue::NotJson
+        );
+        assert_eq!(
+            read_json_body(b"\"text", &JsonPointer::parse("/a")),
+            BodyValue::NotJson
+        );
         // Which copy wins differs between parsers: refused wherever it is.
         assert_eq!(
-            read_json_body(br#"{"a":"c-99","a":"c-17"}"#, "/a"),
+            read_json_body(br#"{"a":"c-99","a":"c-17"}"#, &JsonPointer::parse("/a")),
             BodyValue::Duplicate
         );
         assert_eq!(
-            read_json_body(br#"{"a":"c-17","x":[{"b":1,"b":2}]}"#, "/a"),
+            read_json_body(
+                br#"{"a":"c-17","x":[{"b":1,"b":2}]}"#,
+                &JsonPointer::parse("/a")
+            ),
             BodyValue::Duplicate
         );
         assert_eq!(
-            read_json_body(br#"{"a":{"b":1.5e3,"c":[true,null,-2]}}"#, "/a/b"),
+            read_json_body(
+                br#"{"a":{"b":1.5e3,"c":[true,null,-2]}}"#,
+                &JsonPointer::parse("/a/b")
+            ),
             BodyValue::Found("1500.0".into())
         );
     }
 
     #[test]
     fn copies_differing_in_case_are_ambiguous_on_the_path_read() {
-        let dup = |body: &str, pointer: &str| read_json_body(body.as_bytes(), pointer);
+        let dup = |body: &str, pointer: &str| {
+            read_json_body(body.as_bytes(), &JsonPointer::parse(pointer))
+        };
         assert_eq!(
             dup(r#"{"campaign":"c-17","CAMPAIGN":"c-99"}"#, "/campaign"),
             BodyValue::Duplicate
