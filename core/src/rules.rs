@@ -307,12 +307,31 @@ pub fn read_json_body(body: &[u8], pointer: &JsonPointer) -> BodyValue {
     };
     match follow(&doc, pointer) {
         Ok(Some(serde_json::Value::String(s))) => BodyValue::Found(s.clone()),
-        Ok(Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)))) => {
-            BodyValue::Found(v.to_string())
-        }
+        Ok(Some(serde_json::Value::Number(n))) => BodyValue::Found(number_text(n)),
+        Ok(Some(serde_json::Value::Bool(b))) => BodyValue::Found(b.to_string()),
         Ok(_) => BodyValue::Missing,
         Err(()) => BodyValue::Duplicate,
     }
+}
+
+/// A body number as text: integers in decimal (`17`), other numbers in
+/// positional notation with at least one decimal (`17.0`, `0.5`, never
+/// `1e21`), so `17` and `17.0` stay different values. Written with Rust's
+/// own float formatting rather than serde_json's, which would add its float
+/// writer and tables (about 20 KB) to the module for this one use.
+fn number_text(n: &serde_json::Number) -> String {
+    if let Some(u) = n.as_u64() {
+        return u.to_string();
+    }
+    if let Some(i) = n.as_i64() {
+        return i.to_string();
+    }
+    let f = n.as_f64().unwrap_or(0.0);
+    let mut text = f.to_string();
+    if !text.contains('.') {
+        text.push_str(".0");
+    }
+    text
 }
 
 /// A JSON document read as `serde_json::Value`, except that an object naming
@@ -550,6 +569,19 @@ mod tests {
             read_json_body(br#"{"a":{"b":[1,17]}}"#, &JsonPointer::parse("/a/b/1")),
             BodyValue::Found("17".into())
         );
+        let at_c = JsonPointer::parse("/c");
+        for (body, text) in [
+            (&br#"{"c":17}"#[..], "17"),
+            (br#"{"c":-3}"#, "-3"),
+            (br#"{"c":17.0}"#, "17.0"),
+            (br#"{"c":0.5}"#, "0.5"),
+            (br#"{"c":-2.25}"#, "-2.25"),
+            (br#"{"c":1e21}"#, "1000000000000000000000.0"),
+            (br#"{"c":true}"#, "true"),
+        ] {
+            assert_eq!(read_json_body(body, &at_c), BodyValue::Found(text.into()));
+        }
+        assert_eq!(read_json_body(br#"{"c":null}"#, &at_c), BodyValue::Missing);
         assert_eq!(
             read_json_body(br#"{"a":1}"#, &JsonPointer::parse("/flo_campaign_id")),
             BodyValue::Missing

@@ -39,7 +39,7 @@ from harness import (
 # Keys
 # ---------------------------------------------------------------------------
 
-FULL = new_key("kz_full_")  # read, write, ingest; live; campaigns c-17 c-42 17 true
+FULL = new_key("kz_full_")  # read, write, ingest; live; campaigns c-17 c-42 17 true 0.5
 READER = new_key("kz_reader_")  # read; live; campaigns c-17
 WRITER = new_key("kz_writer_")  # write only; live
 TESTENV = new_key("kz_testenv_")  # read, write; environment test
@@ -66,7 +66,7 @@ def rec(key_id: str, key: str, **meta: Any) -> dict:
 
 KEYS = [
     rec("full", FULL, scopes=["read", "write", "ingest"], environment="live",
-        attachments={"campaigns": ["c-17", "c-42", "17", "true"]}),
+        attachments={"campaigns": ["c-17", "c-42", "17", "true", "0.5"]}),
     rec("reader", READER, scopes=["read"], environment="live", attachments={"campaigns": ["c-17"]}),
     rec("writer", WRITER, scopes=["write"], environment="live"),
     rec("testenv", TESTENV, scopes=["read", "write"], environment="test"),
@@ -623,6 +623,9 @@ BODY_CASES = {
     "number": ("/attach/body/", js({"campaign": 17}), None),
     "bool": ("/attach/body/", js({"campaign": True}), None),
     "float_not_int": ("/attach/body/", js({"campaign": 17.0}), "not_attached"),
+    "fraction": ("/attach/body/", js({"campaign": 0.5}), None),
+    "fraction_spelled_otherwise": ("/attach/body/", b'{"campaign": 5e-1}', None),
+    "other_fraction": ("/attach/body/", js({"campaign": 0.25}), "not_attached"),
     "other_campaign": ("/attach/body/", js({"campaign": "c-99"}), "not_attached"),
     "null": ("/attach/body/", js({"campaign": None}), "missing_attribute"),
     "object": ("/attach/body/", js({"campaign": {"id": "c-17"}}), "missing_attribute"),
