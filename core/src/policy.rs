@@ -17,7 +17,7 @@ use crate::keys::{
     self, parse_digest, BucketName, Clash, Digest, KeyMeta, KeyRef, KeySet, KeyStore,
     KeyStoreBuilder, Profile,
 };
-use crate::ratelimit::{self, CounterStore, Limit, TakeError};
+use crate::ratelimit::{self, BlockedBuckets, CounterStore, Limit, Outcome, TakeError};
 use crate::rules::{
     read_json_body, AttachmentCheck, AttrValue, Attribute, BodyValue, Effect, Matcher, RequestLine,
     Requirement, Rule,
@@ -82,6 +82,8 @@ pub struct Policy {
     list_version: Option<u64>,
     /// Start of this filter's bucket names, from [`keys::bucket_scope`].
     bucket_scope: String,
+    /// Buckets this VM found blocked: their 429s skip the shared-data read.
+    blocked: BlockedBuckets,
 }
 
 /// What to do with a request.
@@ -284,6 +286,7 @@ impl Policy {
                     default_limit,
                     list_version: None,
                     bucket_scope: keys::bucket_scope(""),
+                    blocked: BlockedBuckets::default(),
                 })
             }
             _ => Err(errors),
@@ -531,8 +534,8 @@ impl Policy {
             requirement.and_then(|r| r.limit.as_ref()),
             &self.limit_of(&key),
         ) {
-            (Some((limit, rule)), _) => take(host, &self.bucket_scope, rule, key.id(), limit)?,
-            (None, Some(limit)) => take(host, &self.bucket_scope, "", key.id(), limit)?,
+            (Some((limit, rule)), _) => self.take(host, rule, key.id(), limit)?,
+            (None, Some(limit)) => self.take(host, "", key.id(), limit)?,
             (None, None) => None,
         };
         Ok(Allowed {
@@ -631,34 +634,47 @@ fn check_attached(meta: &KeyMeta, set: &str, value: &str) -> Result<(), Denial> 
     }
 }
 
-fn take(
-    host: &dyn Host,
-    scope: &str,
-    rule: &str,
-    id: &str,
-    limit: &Limit,
-) -> Result<Option<RateInfo>, Denial> {
-    let closed = |reason| Denial {
-        rate: Some(RateInfo {
-            burst: limit.burst,
-            window_secs: limit.window_secs(),
-            remaining: 0,
-            retry_after_secs: 1,
-        }),
-        ..Denial::new(DenyCode::RateLimited, reason)
-    };
-    let bucket = BucketName::new(scope, rule, id).ok_or(closed("bucket name too long"))?;
-    let now = host
-        .monotonic_ns()
-        .ok_or(closed("monotonic clock unavailable (failing closed)"))?;
-    match ratelimit::take_shared(host.counters(), bucket.as_str(), limit, now) {
-        Ok(o) if o.allowed => Ok(Some(o.info)),
-        Ok(o) => Err(Denial {
+impl Policy {
+    /// Takes a token from the bucket of `id` under `rule`: refused from
+    /// [`BlockedBuckets`] when this VM already found it blocked, else
+    /// read and written in shared data.
+    fn take(
+        &self,
+        host: &dyn Host,
+        rule: &str,
+        id: &str,
+        limit: &Limit,
+    ) -> Result<Option<RateInfo>, Denial> {
+        let closed = |reason| Denial {
+            rate: Some(RateInfo {
+                burst: limit.burst,
+                window_secs: limit.window_secs(),
+                remaining: 0,
+                retry_after_secs: 1,
+            }),
+            ..Denial::new(DenyCode::RateLimited, reason)
+        };
+        let bucket =
+            BucketName::new(&self.bucket_scope, rule, id).ok_or(closed("bucket name too long"))?;
+        let now = host
+            .monotonic_ns()
+            .ok_or(closed("monotonic clock unavailable (failing closed)"))?;
+        let refused = |o: Outcome| Denial {
             rate: Some(o.info),
             ..Denial::new(DenyCode::RateLimited, "bucket empty")
-        }),
-        Err(TakeError::Contention) => Err(closed("bucket update contention (failing closed)")),
-        Err(TakeError::Store) => Err(closed("bucket store error (failing closed)")),
+        };
+        if let Some(o) = self.blocked.refusal(bucket.as_str(), limit, now) {
+            return Err(refused(o));
+        }
+        match ratelimit::take_shared(host.counters(), bucket.as_str(), limit, now) {
+            Ok(o) if o.allowed => Ok(Some(o.info)),
+            Ok(o) => {
+                self.blocked.record(bucket.as_str(), limit, now, &o);
+                Err(refused(o))
+            }
+            Err(TakeError::Contention) => Err(closed("bucket update contention (failing closed)")),
+            Err(TakeError::Store) => Err(closed("bucket store error (failing closed)")),
+        }
     }
 }
 

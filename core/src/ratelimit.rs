@@ -193,6 +193,101 @@ pub fn take_shared(
     Err(TakeError::Contention)
 }
 
+/// Most buckets [`BlockedBuckets`] keeps. A short list scanned in place
+/// costs a request less than hashing its bucket name would.
+const MAX_BLOCKED: usize = 64;
+
+/// Buckets this VM last found blocked, with the TAT it read, so that a key
+/// sending over its limit is refused without a shared-data read.
+///
+/// Exact, not a cache that can drift: under one limit a bucket's TAT changes
+/// only when a request is admitted, and none can be admitted (by any VM)
+/// while the remembered TAT still blocks, because the stored TAT is never
+/// below it. So while the entry blocks, the stored TAT equals it, and the
+/// refusal and its figures are those the shared read would give. An entry
+/// counts only for the limit it was read under; a copy starts empty. When
+/// full, a new entry takes the place of one that no longer blocks, else of
+/// the oldest.
+#[derive(Default)]
+pub struct BlockedBuckets {
+    seen: std::cell::RefCell<Vec<Blocked>>,
+    /// Where the next entry goes when all of them still block.
+    next: std::cell::Cell<usize>,
+}
+
+struct Blocked {
+    bucket: Box<str>,
+    limit: Limit,
+    tat: u64,
+}
+
+impl Clone for BlockedBuckets {
+    fn clone(&self) -> Self {
+        BlockedBuckets::default()
+    }
+}
+
+impl std::fmt::Debug for BlockedBuckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockedBuckets({})", self.len())
+    }
+}
+
+impl BlockedBuckets {
+    /// The refusal for `key` at `now`, if it was found blocked under `limit`
+    /// and still is.
+    pub fn refusal(&self, key: &str, limit: &Limit, now: u64) -> Option<Outcome> {
+        let seen = self.seen.try_borrow().ok()?;
+        let entry = seen.iter().find(|b| &*b.bucket == key)?;
+        if entry.limit != *limit {
+            return None;
+        }
+        let outcome = take(limit, entry.tat, now);
+        (!outcome.allowed && !outcome.store).then_some(outcome)
+    }
+
+    /// Records a shared-data decision: a refusal is remembered; an admission
+    /// leaves any old entry, which no longer blocks, to be replaced.
+    pub fn record(&self, key: &str, limit: &Limit, now: u64, outcome: &Outcome) {
+        if outcome.allowed {
+            return;
+        }
+        let Ok(mut seen) = self.seen.try_borrow_mut() else {
+            return;
+        };
+        let entry = Blocked {
+            bucket: key.into(),
+            limit: *limit,
+            tat: outcome.new_tat,
+        };
+        let slot = match seen.iter().position(|b| &*b.bucket == key) {
+            Some(at) => Some(at),
+            None => seen.iter().position(|b| take(&b.limit, b.tat, now).allowed),
+        };
+        if let Some(slot) = slot.and_then(|at| seen.get_mut(at)) {
+            *slot = entry;
+        } else if seen.len() < MAX_BLOCKED {
+            seen.push(entry);
+        } else {
+            let at = self.next.get() % MAX_BLOCKED;
+            self.next.set(at + 1);
+            if let Some(slot) = seen.get_mut(at) {
+                *slot = entry;
+            }
+        }
+    }
+
+    /// Number of buckets remembered.
+    pub fn len(&self) -> usize {
+        self.seen.try_borrow().map_or(0, |s| s.len())
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Creates an empty-state bucket if none exists, so that later updates are
 /// always CAS-protected. Never resets an existing bucket.
 pub fn ensure_bucket(store: &dyn CounterStore, key: &str) -> Result<(), StoreError> {
@@ -255,6 +350,127 @@ mod tests {
             "burst 1 and the rival took it: this one must wait"
         );
         assert_eq!(ours.info.retry_after_secs, 1);
+    }
+
+    /// A store that counts reads, around a shared [`MemStore`].
+    struct CountingStore<'a> {
+        inner: &'a MemStore,
+        gets: Cell<usize>,
+    }
+
+    impl CounterStore for CountingStore<'_> {
+        fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+            self.gets.set(self.gets.get() + 1);
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+            self.inner.set(key, value, cas)
+        }
+        fn create(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+            self.inner.create(key, value)
+        }
+    }
+
+    /// One VM's step: its memo first, then the shared store, as the policy does.
+    fn take_with_memo(
+        memo: &BlockedBuckets,
+        store: &dyn CounterStore,
+        key: &str,
+        limit: &Limit,
+        now: u64,
+    ) -> Outcome {
+        if let Some(o) = memo.refusal(key, limit, now) {
+            return o;
+        }
+        let o = take_shared(store, key, limit, now).unwrap();
+        memo.record(key, limit, now, &o);
+        o
+    }
+
+    #[test]
+    fn a_remembered_block_refuses_without_a_read_and_with_the_same_figures() {
+        let l = Limit::new(1.0, 2);
+        let shared = MemStore::default();
+        let store = CountingStore {
+            inner: &shared,
+            gets: Cell::new(0),
+        };
+        let memo = BlockedBuckets::default();
+        let now = 100 * S;
+        assert!(take_with_memo(&memo, &store, "k", &l, now).allowed);
+        assert!(take_with_memo(&memo, &store, "k", &l, now).allowed);
+        assert!(memo.is_empty(), "admissions are not remembered");
+        let first = take_with_memo(&memo, &store, "k", &l, now);
+        assert!(!first.allowed);
+        assert_eq!(memo.len(), 1);
+        let reads = store.gets.get();
+        let again = take_with_memo(&memo, &store, "k", &l, now + S / 2);
+        assert_eq!(store.gets.get(), reads, "refused from the memo");
+        assert_eq!(
+            again,
+            take(
+                &l,
+                decode_tat(&shared.get("k").unwrap().unwrap().0),
+                now + S / 2
+            )
+        );
+        // Another limit for the same bucket (a reload) reads the store again.
+        let other = Limit::new(10.0, 2);
+        assert!(memo.refusal("k", &other, now + S / 2).is_none());
+        // Once the bucket refills, the memo no longer decides.
+        assert!(memo.refusal("k", &l, now + S).is_none());
+        assert!(take_with_memo(&memo, &store, "k", &l, now + S).allowed);
+    }
+
+    #[test]
+    fn vms_with_memos_decide_exactly_as_the_shared_bucket_alone() {
+        // Three VMs, each with its memo, over one store, against a reference
+        // that always reads the store: same decisions, same figures, in a
+        // pseudo-random interleaving of keys, VMs and small time steps.
+        let limits = [
+            Limit::new(5.0, 3),
+            Limit::new(0.5, 1),
+            Limit::new(100.0, 10),
+        ];
+        let shared = MemStore::default();
+        let reference = MemStore::default();
+        let memos = [
+            BlockedBuckets::default(),
+            BlockedBuckets::default(),
+            BlockedBuckets::default(),
+        ];
+        let mut now = 1_000 * S;
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut refused = 0;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            now += x % (S / 20);
+            let k = (x >> 20) as usize % limits.len();
+            let vm = (x >> 30) as usize % memos.len();
+            let key = ["a", "b", "c"][k];
+            let ours = take_with_memo(&memos[vm], &shared, key, &limits[k], now);
+            let truth = take_shared(&reference, key, &limits[k], now).unwrap();
+            assert_eq!(ours, truth, "key {key} on vm {vm} at {now}");
+            refused += usize::from(!truth.allowed);
+        }
+        assert!(refused > 1_000, "the run must refuse often: {refused}");
+    }
+
+    #[test]
+    fn the_memo_stays_bounded() {
+        let l = Limit::new(0.001, 1);
+        let store = MemStore::default();
+        let memo = BlockedBuckets::default();
+        let now = 100 * S;
+        for i in 0..(MAX_BLOCKED + 10) {
+            let key = format!("k{i}");
+            assert!(take_with_memo(&memo, &store, &key, &l, now).allowed);
+            assert!(!take_with_memo(&memo, &store, &key, &l, now).allowed);
+            assert!(memo.len() <= MAX_BLOCKED);
+        }
+        assert!(!memo.is_empty());
     }
 
     #[test]
