@@ -317,8 +317,8 @@ pub fn read_json_body(body: &[u8], pointer: &JsonPointer) -> BodyValue {
 /// A body number as text: integers in decimal (`17`), other numbers in
 /// positional notation with at least one decimal (`17.0`, `0.5`, never
 /// `1e21`), so `17` and `17.0` stay different values. Written with Rust's
-/// own float formatting rather than serde_json's, which would add its float
-/// writer and tables (about 20 KB) to the module for this one use.
+/// own float formatting, which serde's messages already need, rather than
+/// serde_json's printer, which cost the module 4 KB for this one use.
 fn number_text(n: &serde_json::Number) -> String {
     if let Some(u) = n.as_u64() {
         return u.to_string();
