@@ -206,8 +206,8 @@ const MAX_BLOCKED: usize = 64;
 /// below it. So while the entry blocks, the stored TAT equals it, and the
 /// refusal and its figures are those the shared read would give. An entry
 /// counts only for the limit it was read under; a copy starts empty. When
-/// full, a new entry takes the place of one that no longer blocks, else of
-/// the oldest.
+/// full, a new entry takes the place of one that no longer blocks, else the
+/// slots are overwritten in turn.
 #[derive(Default)]
 pub struct BlockedBuckets {
     seen: std::cell::RefCell<Vec<Blocked>>,
