@@ -13,6 +13,9 @@ keygate, such as the bench's empty filter
 allowed path is measured, so that keygate's cost above the floor every wasm
 filter pays comes from one interleaved run.
 
+With `--c1`, every build's allowed path is also measured at one connection
+(`wrk -c1`), with its p50 and p99 paired per round against the first build's.
+
 With `--proxied`, every build's allowed path is also measured on the proxied
 route (`/proxy`, forwarded to a trivial upstream Envoy on the load core, as in
 bench.py), where the filter also sees the upstream's response.
@@ -101,6 +104,7 @@ def main() -> int:
     ap.add_argument("--shared-envoy", action="store_true",
                     help="run every build in one Envoy (a listener and a VM each) rather than one Envoy per build")
     ap.add_argument("--proxied", action="store_true", help="also measure the allowed path on the proxied route (/proxy, to a trivial upstream)")
+    ap.add_argument("--c1", action="store_true", help="also measure the allowed path at one connection (wrk -c1: CPU per request and p50)")
     args = ap.parse_args()
     if len(args.wasm) < 2:
         ap.error("give at least two builds")
@@ -139,6 +143,8 @@ def main() -> int:
     cells = [b.Cell(n, "direct", p, "h1") for n in builds for p in measured(builds[n][1])]
     if args.proxied:
         cells += [b.Cell(n, "proxy", "allowed", "h1") for n in builds]
+    if args.c1:
+        cells += [b.Cell(n, "direct", "allowed", "c1") for n in builds]
     bench = b.Bench(settings, envoys, upstream, paths, "wrk", "h2load")
     block = args.restart_every or args.rounds
 
@@ -189,11 +195,15 @@ def main() -> int:
                 upstream.stop()
     summary = b.summarize(bench.samples)
     def key(c: b.Cell) -> tuple[str, str]:
+        if c.kind == "c1":
+            return (c.config, "c1")
         return (c.config, c.path if c.route == "direct" else "proxied")
 
     med = {key(c): row["us_per_req"] for c, row in summary.items()}
     if args.proxied:
         paths["proxied"] = allowed
+    if args.c1:
+        paths["c1"] = allowed
     first = next(iter(builds))
 
     def cell(n: str, p: str) -> str:
@@ -218,6 +228,18 @@ def main() -> int:
     for n in builds:
         diffs = [b.paired_difference(raw[(n, p)], ref) if (n, p) in raw else None for p in paths]
         print(f"{n:32s}" + "".join(f"{d:+18.1f}" if d is not None else f"{'-':>18s}" for d in diffs))
+    if args.c1:
+        # One connection: the latency a lone client sees, paired per round
+        # against the first build's.
+        ref_c1 = raw.get((first, "c1"), [])
+        print(f"one connection, allowed path: p50 and p99 (µs), median of the rounds (paired difference from {first})")
+        for n in builds:
+            row = summary.get(b.Cell(n, "direct", "allowed", "c1"))
+            if row is None:
+                continue
+            d50 = b.paired_difference(raw[(n, "c1")], ref_c1, "p50_us")
+            d99 = b.paired_difference(raw[(n, "c1")], ref_c1, "p99_us")
+            print(f"{n:32s}{row['p50_us']:9.0f} ({d50:+5.0f}){row['p99_us']:9.0f} ({d99:+5.0f})")
     return 0
 
 
