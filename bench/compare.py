@@ -6,7 +6,8 @@
 
 A build may name a configuration variant after a colon: `no-limit` (no rate
 limits, so no clock, bucket get or CAS set; no 429 path), `no-strip`
-(`strip_credentials: false`) or `no-limit-no-strip`; the default is the
+(`strip_credentials: false`), `no-limit-no-strip`, or `100k` (100,000 keys, as
+bench.py's `keygate-100k`; also `100k-no-limit`, `100k-no-strip`); the default is the
 `keygate-10` configuration of bench.py. `floor` marks a module that is not
 keygate, such as the bench's empty filter
 (`target/bench-empty/wasm32-wasip1/release/keygate_bench_empty.wasm`): only its
@@ -64,7 +65,7 @@ def default_envoy() -> Path | None:
     return found[0] if found else None
 
 
-VARIANTS = ("default", "no-limit", "no-strip", "no-limit-no-strip", "floor")
+VARIANTS = ("default", "no-limit", "no-strip", "no-limit-no-strip", "floor", "100k", "100k-no-limit", "100k-no-strip")
 
 
 def split_build(arg: str) -> tuple[Path, str]:
@@ -76,7 +77,7 @@ def split_build(arg: str) -> tuple[Path, str]:
 
 
 def variant_config(variant: str, allowed: str, limited: str) -> str:
-    """The 10-key configuration of bench.py, changed as `variant` says."""
+    """The 10-key configuration of bench.py (100,000 keys for `100k`), changed as `variant` says."""
     limit = {"requests_per_second": 0.001, "burst": 1}
     keys = [
         {"id": "bench-allowed", "sha256": b.sha256_hex(allowed)},
@@ -84,7 +85,7 @@ def variant_config(variant: str, allowed: str, limited: str) -> str:
     ]
     if "no-limit" not in variant:
         keys[1]["rate_limit"] = limit
-    config = json.loads(b.keygate_config(b.key_list(10, keys)))
+    config = json.loads(b.keygate_config(b.key_list(100_000 if "100k" in variant else 10, keys)))
     if "no-limit" in variant:
         config.pop("rate_limit", None)
     if "no-strip" in variant:
