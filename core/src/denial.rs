@@ -121,7 +121,9 @@ impl DenyCode {
             DenyCode::AmbiguousAttribute => {
                 "The request names the resource this endpoint needs more than once."
             }
-            DenyCode::InvalidJsonBody => "The request body is not valid JSON.",
+            DenyCode::InvalidJsonBody => {
+                "The request body is not valid JSON, or nests more than 127 levels deep."
+            }
             DenyCode::BodyTooLarge => "The request body is too large.",
             DenyCode::RateLimited => "Too many requests for this API key; retry later.",
             DenyCode::KeyListUnavailable => "The API key list is not available yet; retry shortly.",

@@ -583,6 +583,10 @@ impl Policy {
                 DenyCode::InvalidJsonBody,
                 "request body is not JSON",
             )),
+            BodyValue::TooDeep => Err(Denial::new(
+                DenyCode::InvalidJsonBody,
+                "request body nests deeper than 127 levels",
+            )),
             BodyValue::Missing => Err(Denial::new(
                 DenyCode::MissingAttribute,
                 "attachment field absent from body",

@@ -235,6 +235,9 @@ pub enum BodyValue {
     Found(String),
     /// The body is not JSON.
     NotJson,
+    /// The body nests arrays and objects deeper than the parser follows
+    /// ([`MAX_BODY_DEPTH`]): it may be JSON, but it is not read.
+    TooDeep,
     /// The field is absent, null, or an object/array.
     Missing,
     /// An object in the body names one field twice, or the field read
@@ -297,12 +300,22 @@ fn follow<'v>(
     Ok(Some(at))
 }
 
+/// How many levels of arrays and objects a JSON body may nest: serde_json
+/// stops at its 128th, which keeps the parser's recursion within the Wasm
+/// stack.
+pub const MAX_BODY_DEPTH: usize = 127;
+
 /// Extracts `pointer` from a JSON body (an empty body is not JSON).
 pub fn read_json_body(body: &[u8], pointer: &JsonPointer) -> BodyValue {
     let doc = match serde_json::from_slice::<UniqueFields>(body) {
         Ok(UniqueFields(doc)) => doc,
-        // The visitor's only error is a repeated field; the rest is syntax.
+        // The visitor's only error is a repeated field; the rest is syntax,
+        // or nesting past the parser's depth limit (which serde_json files
+        // under syntax and names only in its message).
         Err(e) if e.classify() == serde_json::error::Category::Data => return BodyValue::Duplicate,
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+            return BodyValue::TooDeep
+        }
         Err(_) => return BodyValue::NotJson,
     };
     match follow(&doc, pointer) {
@@ -520,6 +533,32 @@ mod tests {
         assert!(exact.matches(&p));
         let (_, p) = line(&[(":path", "/api/v1/ping/x")]);
         assert!(!exact.matches(&p));
+    }
+
+    #[test]
+    fn bodies_nesting_past_the_depth_limit_are_told_apart_from_broken_ones() {
+        let at_c = JsonPointer::parse("/c");
+        // The object holding "c" is one level; the arrays beside it the rest.
+        let nested = |levels: usize| {
+            let inner = levels - 1;
+            format!(
+                r#"{{"c":"c-17","x":{}{}}}"#,
+                "[".repeat(inner),
+                "]".repeat(inner)
+            )
+            .into_bytes()
+        };
+        assert_eq!(
+            read_json_body(&nested(MAX_BODY_DEPTH), &at_c),
+            BodyValue::Found("c-17".into())
+        );
+        assert_eq!(
+            read_json_body(&nested(MAX_BODY_DEPTH + 1), &at_c),
+            BodyValue::TooDeep
+        );
+        assert_eq!(read_json_body(&nested(5000), &at_c), BodyValue::TooDeep);
+        // Unbalanced but shallow is still plain syntax.
+        assert_eq!(read_json_body(br#"{"c":[[["#, &at_c), BodyValue::NotJson);
     }
 
     #[test]

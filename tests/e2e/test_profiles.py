@@ -252,6 +252,25 @@ def test_ld_not_json(lead_distro):
     check_denial(r, "invalid_json_body")
 
 
+@ld("body nesting past the parser's depth: 400 invalid_json_body that says so; 127 levels still read")
+def test_ld_body_too_deep(lead_distro, backend):
+    def nested(levels: int, tag: str) -> bytes:
+        # The lead object is one level, the arrays beside the fields the rest.
+        inner = levels - 1
+        fields = json.dumps(lead("c-17", tag))[:-1]
+        return f'{fields}, "x": {"[" * inner}{"]" * inner}}}'.encode()
+
+    tag = unique_path("deep")[6:]
+    ok = nested(127, tag)
+    r = ingest(lead_distro, k(LD, "supplier-acme"), ok)
+    assert r.status == 200, r
+    assert [x for x in backend.find("/api/v1/ingest") if x.body == ok]
+    too_deep = nested(128, tag + "x")
+    body = check_denial(ingest(lead_distro, k(LD, "supplier-acme"), too_deep), "invalid_json_body")
+    assert "127 levels" in body["message"], body
+    assert not [x for x in backend.find("/api/v1/ingest") if x.body == too_deep]
+
+
 @ld("read-only key can look leads up")
 def test_ld_lookup_read_only(lead_distro, backend):
     p = "/api/v1/leads/lookup?email=" + unique_path("lk")[4:]
