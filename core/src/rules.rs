@@ -248,14 +248,18 @@ pub enum BodyValue {
 }
 
 /// Names that a case-insensitive reader takes for one another: ASCII letters
-/// in either case, and the two other characters that Unicode case folding
-/// maps to ASCII letters (the Kelvin sign to `k`, the long `ſ` to `s`), as Go's
-/// `strings.EqualFold` has it. Other non-ASCII letters compare as they are:
-/// full case tables would add about 27 KB to the module.
+/// in either case, and the four other characters whose simple case mappings
+/// lead to an ASCII letter (the Kelvin sign to `k`, the long `ſ` to `s`, the
+/// dotted `İ` and the dotless `ı` to `i`). Go's `encoding/json` matches a key
+/// to a field by the upper case of each character's lower case, which folds
+/// all four. Other non-ASCII letters compare as they are: full case tables
+/// would add about 27 KB to the module, and a backend matching them needs a
+/// field name outside ASCII.
 pub fn same_name_ignoring_case(a: &str, b: &str) -> bool {
     let fold = |c: char| match c {
         '\u{212A}' => 'k',
         '\u{17F}' => 's',
+        '\u{130}' | '\u{131}' => 'i',
         c => c.to_ascii_lowercase(),
     };
     a.chars().map(fold).eq(b.chars().map(fold))
@@ -691,6 +695,15 @@ mod tests {
         assert_eq!(
             dup(r#"{"\u017fid":"c-99","SID":"c-17"}"#, "/SID"),
             BodyValue::Duplicate
+        );
+        // Dotted and dotless i: encoding/json folds both to I.
+        for other in [r"campa\u0131gn", r"CAMPA\u0130GN"] {
+            let body = format!(r#"{{"campaign":"c-17","{other}":"c-99"}}"#);
+            assert_eq!(dup(&body, "/campaign"), BodyValue::Duplicate, "{other}");
+        }
+        assert_eq!(
+            dup(r#"{"campaign":"c-17","campa\u00efgn":"c-99"}"#, "/campaign"),
+            BodyValue::Found("c-17".into())
         );
         // Elsewhere in the document, case variants are other fields.
         assert_eq!(

@@ -655,6 +655,11 @@ BODY_CASES = {
     "case_copy_unattached": ("/attach/body/", b'{"campaign": "c-17", "CAMPAIGN": "c-99"}', "ambiguous_attribute"),
     "case_copy_first": ("/attach/body/", b'{"Campaign": "c-99", "campaign": "c-17"}', "ambiguous_attribute"),
     "case_copy_on_the_pointer": ("/attach/pointer/", b'{"lead": {"campaign": {"id": "c-42"}}, "LEAD": {}}', "ambiguous_attribute"),
+    # encoding/json folds each character to the upper case of its lower case,
+    # which takes the dotless and the dotted i to I (escaped or raw UTF-8).
+    "dotless_i_copy": ("/attach/body/", b'{"campaign": "c-17", "campa\\u0131gn": "c-99"}', "ambiguous_attribute"),
+    "dotted_capital_i_copy": ("/attach/body/", '{"campaign": "c-17", "CAMPA\u0130GN": "c-99"}'.encode(), "ambiguous_attribute"),
+    "i_with_diaeresis_is_another_name": ("/attach/body/", '{"campaign": "c-17", "campa\u00efgn": "c-99"}'.encode(), None),
     "case_variant_only": ("/attach/body/", b'{"Campaign": "c-17"}', "missing_attribute"),
     "case_variants_elsewhere": ("/attach/body/", b'{"campaign": "c-17", "meta": {"x": 1, "X": 2}}', None),
 }
