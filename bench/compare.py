@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--shared-envoy", action="store_true",
                     help="run every build in one Envoy (a listener and a VM each) rather than one Envoy per build")
     ap.add_argument("--proxied", action="store_true", help="also measure the allowed path on the proxied route (/proxy, to a trivial upstream)")
-    ap.add_argument("--c1", action="store_true", help="also measure the allowed path at one connection (wrk -c1: CPU per request and p50)")
+    ap.add_argument("--c1", action="store_true", help="also measure the allowed path at one connection (wrk -c1: CPU per request, p50 and p99)")
     args = ap.parse_args()
     if len(args.wasm) < 2:
         ap.error("give at least two builds")

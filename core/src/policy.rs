@@ -20,7 +20,7 @@ use crate::keys::{
 use crate::ratelimit::{self, BlockedBuckets, CounterStore, Limit, Outcome, TakeError};
 use crate::rules::{
     read_json_body, AttachmentCheck, AttrValue, Attribute, BodyValue, Effect, Matcher, RequestLine,
-    Requirement, Rule,
+    Requirement, Rule, MAX_BODY_DEPTH,
 };
 
 /// A configuration problem, naming the field it is about.
@@ -583,10 +583,14 @@ impl Policy {
                 DenyCode::InvalidJsonBody,
                 "request body is not JSON",
             )),
-            BodyValue::TooDeep => Err(Denial::new(
-                DenyCode::InvalidJsonBody,
-                "request body nests deeper than 127 levels",
-            )),
+            BodyValue::TooDeep => {
+                // The reason and the reply's message name the limit.
+                const _: () = assert!(MAX_BODY_DEPTH == 127);
+                Err(Denial::new(
+                    DenyCode::InvalidJsonBody,
+                    "request body nests deeper than 127 levels",
+                ))
+            }
             BodyValue::Missing => Err(Denial::new(
                 DenyCode::MissingAttribute,
                 "attachment field absent from body",
