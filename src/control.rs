@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use keygate_core::control::{classify, ControlPlane, FetchOutcome, Lease, Published};
 use keygate_core::headers::HeaderMap;
+use keygate_core::keylist::{CompiledKeyList, KeyListPages};
 use keygate_core::keys::KeyStore;
-use keygate_core::policy::{CompiledKeyList, KeyListPages};
 use keygate_core::Policy;
 
 use crate::abi::{self, Level};

@@ -5,7 +5,8 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use keygate_core::headers::HeaderMap;
-use keygate_core::policy::{parse_source_address, Allowed, Decision, Hold};
+use keygate_core::host::parse_source_address;
+use keygate_core::policy::{Decision, Denied, Edits, Hold};
 use keygate_core::ratelimit::{ensure_bucket, CounterStore};
 use keygate_core::reply::{EncodedReply, ReplyBook};
 use keygate_core::{Denial, DenyCode, Host, Policy};
@@ -243,29 +244,17 @@ impl HttpContext for KeygateRequest {
                 "no configuration loaded",
             ));
         };
-        let raw = match abi::request_header_pairs() {
-            Ok(raw) => raw,
-            Err(_) => {
-                return self.deny(&Denial::new(
-                    DenyCode::MalformedApiKey,
-                    "header map unreadable",
-                ))
-            }
+        let Ok(raw) = abi::request_header_pairs() else {
+            return self.fail("header map unreadable");
         };
         let Some(map) = HeaderMap::decode(&raw) else {
-            return self.deny(&Denial::new(
-                DenyCode::MalformedApiKey,
-                "header map undecodable",
-            ));
+            return self.fail("header map undecodable");
         };
         match policy.decide(&map, &RequestHost { stale: self.stale }) {
             Decision::Allow(allowed) => {
-                if !apply_edits(&policy, &map, &allowed) {
+                if !apply_edits(&allowed.edits) {
                     // Forwarding without a trustworthy identity is worse than refusing.
-                    return self.deny(&Denial::new(
-                        DenyCode::InvalidApiKey,
-                        "identity header not set",
-                    ));
+                    return self.fail("identity header not set");
                 }
                 match allowed.body_check {
                     None => self.allow(),
@@ -276,20 +265,7 @@ impl HttpContext for KeygateRequest {
                     }
                 }
             }
-            Decision::Deny(denial) => {
-                if abi::log_enabled(Level::Debug) {
-                    abi::log(
-                        Level::Debug,
-                        &format!(
-                            "denied {} ({}) key={}",
-                            denial.code.as_str(),
-                            denial.reason,
-                            policy.describe_key(&map)
-                        ),
-                    );
-                }
-                self.deny(&denial)
-            }
+            Decision::Deny(denied) => self.refuse(&denied),
         }
     }
 
@@ -318,8 +294,7 @@ impl HttpContext for KeygateRequest {
 
 /// Strips credentials and spoofed identity copies, sets the identity.
 /// False if the identity could not be set.
-fn apply_edits(policy: &Policy, map: &HeaderMap<'_>, allowed: &Allowed<'_, '_>) -> bool {
-    let edits = policy.forward_edits(map, allowed);
+fn apply_edits(edits: &Edits<'_, '_>) -> bool {
     for name in edits.remove.iter().copied().chain(edits.strip()) {
         let _ = abi::remove_request_header(name);
     }
@@ -349,16 +324,25 @@ impl KeygateRequest {
         self.hold = None;
         match policy.decide_body(hold, body, truncated) {
             Ok(()) => self.allow(),
-            Err(denial) => {
-                if abi::log_enabled(Level::Debug) {
-                    abi::log(
-                        Level::Debug,
-                        &format!("denied {} ({})", denial.code.as_str(), denial.reason),
-                    );
-                }
-                self.deny(&denial)
-            }
+            Err(denied) => self.refuse(&denied),
         }
+    }
+
+    /// Refuses as the policy decided, naming the key (id or masked) at debug level.
+    fn refuse(&self, denied: &Denied<'_>) -> Action {
+        let Denied { denial, key } = denied;
+        if abi::log_enabled(Level::Debug) {
+            let (code, reason) = (denial.code.as_str(), denial.reason);
+            abi::log(Level::Debug, &format!("denied {code} ({reason}) key={key}"));
+        }
+        self.deny(denial)
+    }
+
+    /// Refuses because the proxy failed the filter, not the request: the
+    /// client gets `internal_error` and the log says what failed.
+    fn fail(&self, reason: &'static str) -> Action {
+        abi::log(Level::Warn, &format!("request refused: {reason}"));
+        self.deny(&Denial::new(DenyCode::InternalError, reason))
     }
 
     /// Sends the local reply for `denial`; nothing reaches the backend.

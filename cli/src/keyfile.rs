@@ -10,7 +10,7 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
 use keygate_core::config::KeyList;
-use keygate_core::policy::validate_key_list;
+use keygate_core::keylist::validate_key_list;
 
 use crate::error::{Failure, Result};
 

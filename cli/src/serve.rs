@@ -18,7 +18,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use keygate_core::policy::validate_key_list;
+use keygate_core::keylist::validate_key_list;
 
 use crate::error::{Failure, Result};
 

@@ -4,7 +4,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use keygate_core::policy::validate_key_list;
+use keygate_core::keylist::validate_key_list;
 use keygate_core::Policy;
 
 use crate::error::{print_stdout, Failure, Result};

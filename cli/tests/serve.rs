@@ -160,7 +160,7 @@ fn serves_the_list_with_an_etag_and_304() {
         format!("\"{}\"", common::sha256_hex(r.body.as_bytes()))
     );
     // What the filter accepts.
-    keygate_core::policy::validate_key_list(r.body.as_bytes()).unwrap();
+    keygate_core::keylist::validate_key_list(r.body.as_bytes()).unwrap();
 
     let r = server.get("/v1/keys", &format!("If-None-Match: {etag}\r\n"));
     assert_eq!(r.status, 304);
@@ -267,7 +267,7 @@ fn serves_long_lists_in_pages_that_the_filter_assembles() {
     let first = server.get("/v1/keys", "");
     assert_eq!(first.status, 200);
     let etag = first.header("etag").unwrap().to_string();
-    let mut pages = keygate_core::policy::KeyListPages::default();
+    let mut pages = keygate_core::keylist::KeyListPages::default();
     pages.add(first.body.as_bytes()).unwrap();
     let mut paths = Vec::new();
     while let Some(next) = pages.next.clone() {

@@ -1,21 +1,22 @@
 //! The operator-facing configuration schema (plugin configuration JSON).
 //!
 //! These are plain serde types, strict about unknown fields. They carry no
-//! behaviour: [`crate::policy::Policy::compile`] validates and indexes them.
+//! behaviour: the `compile` module validates them and builds the policy.
 
 use serde::{Deserialize, Serialize};
 
-/// The whole plugin configuration.
+/// The whole plugin configuration. `Keys` is the form the key records take:
+/// the key-list compiler takes them while they are parsed.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct Config<Keys> {
     /// Where the key may come from, tried in order. Default: `x-api-key`, then Bearer.
     #[serde(default = "default_sources")]
     pub credential_sources: Vec<SourceConfig>,
     /// The key list: ids and SHA-256 digests, never plaintext keys.
     /// Compiled while it is parsed, so a large list is never held twice.
     #[serde(default, skip_serializing)]
-    pub keys: crate::policy::CompiledKeys,
+    pub keys: Keys,
     /// Default per-key rate limit. Absent means no rate limit.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
@@ -45,7 +46,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Poll a control plane for (more) keys.
     #[serde(default)]
-    pub control_plane: Option<crate::control::ControlPlaneConfig>,
+    pub control_plane: Option<ControlPlaneConfig>,
 }
 
 /// Handling of requests that match no rule.
@@ -283,4 +284,59 @@ fn default_max_body_bytes() -> usize {
 
 fn default_realm() -> String {
     "keygate".into()
+}
+
+/// `control_plane` in the plugin configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// Envoy cluster that reaches the control plane.
+    pub cluster: String,
+    /// `:authority` of the request.
+    pub authority: String,
+    /// Path of the key list, e.g. `/v1/keys`.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// How often to poll, e.g. `"1s"`, `"500ms"`.
+    #[serde(default = "default_poll")]
+    pub poll_interval: String,
+    /// Callout timeout.
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    /// Age of the last good fetch after which `stale_policy` applies.
+    #[serde(default = "default_staleness")]
+    pub max_staleness: String,
+    /// `serve` (default): keep using the last good list; `fail_closed`: 503.
+    #[serde(default)]
+    pub stale_policy: StalePolicy,
+    /// Largest accepted response body.
+    #[serde(default = "default_max_bytes")]
+    pub max_list_bytes: usize,
+}
+
+/// What to do once the list is older than `max_staleness`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StalePolicy {
+    /// Keep serving the last good list.
+    #[default]
+    Serve,
+    /// Answer 503 `key_list_unavailable`.
+    FailClosed,
+}
+
+fn default_path() -> String {
+    "/v1/keys".into()
+}
+fn default_poll() -> String {
+    "1s".into()
+}
+fn default_timeout() -> String {
+    "2s".into()
+}
+fn default_staleness() -> String {
+    "5m".into()
+}
+fn default_max_bytes() -> usize {
+    256 * 1024 * 1024
 }

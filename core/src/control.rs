@@ -5,65 +5,11 @@
 //! fetcher with a lease in shared data, the fetcher validates what it gets and
 //! publishes it, and every worker switches to the published version.
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::policy::{CompiledKeyList, ConfigError, KeyListPages};
-
-/// `control_plane` in the plugin configuration.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlPlaneConfig {
-    /// Envoy cluster that reaches the control plane.
-    pub cluster: String,
-    /// `:authority` of the request.
-    pub authority: String,
-    /// Path of the key list, e.g. `/v1/keys`.
-    #[serde(default = "default_path")]
-    pub path: String,
-    /// How often to poll, e.g. `"1s"`, `"500ms"`.
-    #[serde(default = "default_poll")]
-    pub poll_interval: String,
-    /// Callout timeout.
-    #[serde(default = "default_timeout")]
-    pub timeout: String,
-    /// Age of the last good fetch after which `stale_policy` applies.
-    #[serde(default = "default_staleness")]
-    pub max_staleness: String,
-    /// `serve` (default): keep using the last good list; `fail_closed`: 503.
-    #[serde(default)]
-    pub stale_policy: StalePolicy,
-    /// Largest accepted response body.
-    #[serde(default = "default_max_bytes")]
-    pub max_list_bytes: usize,
-}
-
-/// What to do once the list is older than `max_staleness`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StalePolicy {
-    /// Keep serving the last good list.
-    #[default]
-    Serve,
-    /// Answer 503 `key_list_unavailable`.
-    FailClosed,
-}
-
-fn default_path() -> String {
-    "/v1/keys".into()
-}
-fn default_poll() -> String {
-    "1s".into()
-}
-fn default_timeout() -> String {
-    "2s".into()
-}
-fn default_staleness() -> String {
-    "5m".into()
-}
-fn default_max_bytes() -> usize {
-    256 * 1024 * 1024
-}
+use crate::config::{ControlPlaneConfig, StalePolicy};
+use crate::error::ConfigError;
+use crate::keylist::{CompiledKeyList, KeyListPages};
 
 /// A validated control-plane configuration, durations in milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -607,7 +553,7 @@ mod tests {
         let endless = page(7, &[], Some("/v1/keys?again"));
         let mut pending: Option<(KeyListPages, Option<String>)> = None;
         let mut outcome = None;
-        for _ in 0..crate::policy::MAX_PAGES + 1 {
+        for _ in 0..crate::keylist::MAX_PAGES + 1 {
             match classify(
                 Some(200),
                 None,

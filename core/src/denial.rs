@@ -34,12 +34,15 @@ pub enum DenyCode {
     RateLimited,
     /// No key list loaded yet, or it is too stale (control plane).
     KeyListUnavailable,
+    /// The proxy failed the filter (a header map it could not read, a header
+    /// it could not set): nothing about the request is known to be wrong.
+    InternalError,
 }
 
 impl DenyCode {
     /// Every code, in README order, which is also declaration order
     /// (`code as usize` indexes this array).
-    pub const ALL: [DenyCode; 15] = [
+    pub const ALL: [DenyCode; 16] = [
         DenyCode::MissingApiKey,
         DenyCode::MalformedApiKey,
         DenyCode::AmbiguousApiKey,
@@ -55,6 +58,7 @@ impl DenyCode {
         DenyCode::BodyTooLarge,
         DenyCode::RateLimited,
         DenyCode::KeyListUnavailable,
+        DenyCode::InternalError,
     ];
 
     /// The public code string.
@@ -75,6 +79,7 @@ impl DenyCode {
             DenyCode::BodyTooLarge => "body_too_large",
             DenyCode::RateLimited => "rate_limited",
             DenyCode::KeyListUnavailable => "key_list_unavailable",
+            DenyCode::InternalError => "internal_error",
         }
     }
 
@@ -96,6 +101,7 @@ impl DenyCode {
             DenyCode::BodyTooLarge => 413,
             DenyCode::RateLimited => 429,
             DenyCode::KeyListUnavailable => 503,
+            DenyCode::InternalError => 500,
         }
     }
 
@@ -127,6 +133,7 @@ impl DenyCode {
             DenyCode::BodyTooLarge => "The request body is too large.",
             DenyCode::RateLimited => "Too many requests for this API key; retry later.",
             DenyCode::KeyListUnavailable => "The API key list is not available yet; retry shortly.",
+            DenyCode::InternalError => "The gateway could not check this request; retry later.",
         }
     }
 }
@@ -142,6 +149,88 @@ pub struct RateInfo {
     pub remaining: u64,
     /// Whole seconds until a request will be admitted, at least 1 when denied.
     pub retry_after_secs: u64,
+}
+
+/// Which key a refusal is about, as a log line may name it: the id of a
+/// listed key, a masked form of any other, never the key itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLabel<'p> {
+    /// Refused before a usable key was read.
+    None,
+    /// A key in the list.
+    Id(&'p str),
+    /// A key not in the list.
+    Masked(Masked),
+}
+
+impl std::fmt::Display for KeyLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyLabel::None => f.write_str("-"),
+            KeyLabel::Id(id) => write!(f, "id={id}"),
+            KeyLabel::Masked(m) => write!(f, "masked={m}"),
+        }
+    }
+}
+
+/// At most the first 4 and last 4 bytes of a key (fewer for short keys), so
+/// that most of it is never shown; kept inline, so a refusal allocates nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Masked {
+    head: [u8; 4],
+    tail: [u8; 4],
+    /// Bytes of `head` shown (0 or 4).
+    head_len: u8,
+    /// Bytes of `tail` shown (0 or 4).
+    tail_len: u8,
+}
+
+impl Masked {
+    /// The masked form of `key`: first 4 and last 4 bytes from 20 bytes on,
+    /// the last 4 from 12, nothing below.
+    pub fn of(key: &[u8]) -> Self {
+        let n = key.len();
+        let (head_len, tail_len) = match n {
+            n if n >= 20 => (4, 4),
+            n if n >= 12 => (0, 4),
+            _ => (0, 0),
+        };
+        let mut head = [0u8; 4];
+        let mut tail = [0u8; 4];
+        if let Some(h) = key.get(..head_len) {
+            head[..head_len].copy_from_slice(h);
+        }
+        if let Some(t) = key.get(n - tail_len..) {
+            tail[..tail_len].copy_from_slice(t);
+        }
+        Masked {
+            head,
+            tail,
+            head_len: head_len as u8,
+            tail_len: tail_len as u8,
+        }
+    }
+}
+
+impl std::fmt::Display for Masked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let head = self
+            .head
+            .get(..usize::from(self.head_len))
+            .unwrap_or_default();
+        let tail = self
+            .tail
+            .get(..usize::from(self.tail_len))
+            .unwrap_or_default();
+        write!(f, "{}…{}", shown(head), shown(tail))
+    }
+}
+
+impl std::fmt::Debug for Masked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Masked({self})")
+    }
 }
 
 /// Why a request is refused: the public code plus a private reason for logs.
@@ -179,5 +268,19 @@ mod tests {
         for (i, code) in DenyCode::ALL.iter().enumerate() {
             assert_eq!(*code as usize, i, "{code:?}");
         }
+    }
+
+    #[test]
+    fn masked_never_shows_more_than_eight_characters() {
+        let m = |k: &[u8]| Masked::of(k).to_string();
+        assert_eq!(m(b"lfk_sk_a1b2c3d4e5f6g7h8"), "lfk_…g7h8");
+        assert_eq!(m(b"abcdefghijkl"), "…ijkl");
+        assert_eq!(m(b"short"), "…");
+        assert_eq!(
+            KeyLabel::Masked(Masked::of(b"short")).to_string(),
+            "masked=…"
+        );
+        assert_eq!(KeyLabel::Id("acme").to_string(), "id=acme");
+        assert_eq!(KeyLabel::None.to_string(), "-");
     }
 }

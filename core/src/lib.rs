@@ -1,14 +1,22 @@
 //! keygate-core: everything keygate decides, with no proxy-wasm dependency.
 //!
-//! Request flow: [`headers::HeaderMap`] → [`credential::Extractor::extract`]
-//! → [`keys::KeyStore::lookup`] → [`ratelimit::take_shared`] →
-//! [`policy::Decision`] → [`reply::render`] or [`policy::Policy::forward_edits`].
+//! Configuration flow: [`config`] (serde schema) → [`compile`] (validated,
+//! with [`keylist`] for the key records) → [`policy::Policy`].
+//!
+//! Request flow: [`headers::HeaderMap`] → [`policy::Policy::decide`]
+//! (credential extraction, key lookup, rules, [`ratelimit`] through the
+//! [`host::Host`] traits) → [`policy::Decision`]: the header edits to make,
+//! or the denial to answer with [`reply`].
 
+pub mod compile;
 pub mod config;
 pub mod control;
 pub mod credential;
 pub mod denial;
+pub mod error;
 pub mod headers;
+pub mod host;
+pub mod keylist;
 pub mod keys;
 pub mod policy;
 pub mod published;
@@ -19,4 +27,6 @@ pub mod tally;
 pub mod testing;
 
 pub use denial::{Denial, DenyCode};
-pub use policy::{ConfigError, Decision, Host, Policy};
+pub use error::ConfigError;
+pub use host::Host;
+pub use policy::{Decision, Policy};

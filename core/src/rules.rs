@@ -253,8 +253,8 @@ pub enum BodyValue {
 /// dotted `İ` and the dotless `ı` to `i`). Go's `encoding/json` matches a key
 /// to a field by the upper case of each character's lower case, which folds
 /// all four. Other non-ASCII letters compare as they are: full case tables
-/// would add about 27 KB to the module, and a backend matching them needs a
-/// field name outside ASCII.
+/// would grow the module, and a backend matching them needs a field name
+/// outside ASCII.
 pub fn same_name_ignoring_case(a: &str, b: &str) -> bool {
     let fold = |c: char| match c {
         '\u{212A}' => 'k',
@@ -335,7 +335,7 @@ pub fn read_json_body(body: &[u8], pointer: &JsonPointer) -> BodyValue {
 /// positional notation with at least one decimal (`17.0`, `0.5`, never
 /// `1e21`), so `17` and `17.0` stay different values. Written with Rust's
 /// own float formatting, which serde's messages already need, rather than
-/// serde_json's printer, which cost the module 4 KB for this one use.
+/// serde_json's printer, which would be in the module for this one use.
 fn number_text(n: &serde_json::Number) -> String {
     if let Some(u) = n.as_u64() {
         return u.to_string();

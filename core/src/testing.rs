@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 
 use crate::headers::encode;
-use crate::policy::Host;
+use crate::host::Host;
 use crate::ratelimit::{CounterStore, StoreError, Versioned};
 
 /// Shared data as Envoy keeps it: each write bumps the CAS token; a key that

@@ -9,9 +9,10 @@ use std::cell::Cell;
 
 use keygate_core::headers::HeaderMap;
 use keygate_core::keys::digest;
-use keygate_core::policy::{Decision, Host};
+use keygate_core::policy::Decision;
 use keygate_core::ratelimit::{CounterStore, StoreError, Versioned};
 use keygate_core::testing::get_request_wire;
+use keygate_core::Host;
 use keygate_core::Policy;
 
 /// Counts allocations made by the current thread.
@@ -109,7 +110,7 @@ fn allowed_request(policy: &Policy, wire: &[u8], host: &TestHost) -> usize {
     let Decision::Allow(allowed) = decision else {
         return 0; // the callers' identity check fails
     };
-    let edits = policy.forward_edits(&map, &allowed);
+    let edits = &allowed.edits;
     let names = edits.remove.iter().copied().chain(edits.strip());
     assert_eq!(names.count(), 1, "the credential header is stripped");
     edits.identity.map_or(0, |(_, id)| id.len())

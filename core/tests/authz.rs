@@ -4,7 +4,7 @@
 
 use keygate_core::headers::HeaderMap;
 use keygate_core::keys::digest;
-use keygate_core::policy::{Decision, Hold};
+use keygate_core::policy::{Decision, Denied, Hold};
 use keygate_core::testing::FakeHost;
 use keygate_core::{Host, Policy};
 
@@ -74,7 +74,7 @@ impl Req {
                 format!("allow:{}", a.key.map_or("-", |k| k.id())),
                 a.body_check,
             ),
-            Decision::Deny(d) => (d.code.as_str().to_string(), None),
+            Decision::Deny(Denied { denial: d, .. }) => (d.code.as_str().to_string(), None),
         }
     }
 }
@@ -231,7 +231,7 @@ fn json_body_attachment_is_decided_after_the_body() {
     let hold = hold.unwrap();
     let body = |b: &str| {
         p.decide_body(hold, b.as_bytes(), false)
-            .map_err(|d| d.code.as_str())
+            .map_err(|d| d.denial.code.as_str())
     };
     assert_eq!(body(r#"{"flo_campaign_id":"c-17"}"#), Ok(()));
     assert_eq!(body(r#"{"flo_campaign_id":"c-99"}"#), Err("not_attached"));
@@ -247,7 +247,7 @@ fn json_body_attachment_is_decided_after_the_body() {
     );
     assert_eq!(
         p.decide_body(hold, b"{}", true)
-            .map_err(|d| d.code.as_str()),
+            .map_err(|d| d.denial.code.as_str()),
         Err("body_too_large")
     );
     // Routes without a body rule never hold.
@@ -345,7 +345,7 @@ fn control_plane_lists_merge_with_static_keys() {
     )
     .unwrap();
     let list = |v: serde_json::Value| {
-        keygate_core::policy::compile_key_list(v.to_string().as_bytes()).unwrap()
+        keygate_core::keylist::compile_key_list(v.to_string().as_bytes()).unwrap()
     };
     let merged = base
         .with_key_list(list(
@@ -406,7 +406,7 @@ fn cold_start_and_staleness_answer_503() {
             true
         }
     }
-    let list = keygate_core::policy::compile_key_list(
+    let list = keygate_core::keylist::compile_key_list(
         serde_json::json!({"version": 1, "keys": [{"id": "d", "sha256": h("k-d")}]})
             .to_string()
             .as_bytes(),
@@ -464,12 +464,12 @@ fn repeated_attributes_trailing_dots_and_per_route_challenges() {
     // The bearer-only host rule still applies with a trailing dot.
     assert_eq!(dotted.decide(&p, &FakeHost::default()).0, "missing_api_key");
     let map = HeaderMap::from_pairs(vec![(b":path", b"/x"), (b":authority", b"a.bearer.test")]);
-    let Decision::Deny(d) = p.decide(&map, &FakeHost::default()) else {
+    let Decision::Deny(Denied { denial: d, .. }) = p.decide(&map, &FakeHost::default()) else {
         panic!("allowed")
     };
     assert_eq!(p.challenge(&d), "Bearer realm=\"keygate\"");
     let map = HeaderMap::from_pairs(vec![(b":path", b"/q"), (b":authority", b"x")]);
-    let Decision::Deny(d) = p.decide(&map, &FakeHost::default()) else {
+    let Decision::Deny(Denied { denial: d, .. }) = p.decide(&map, &FakeHost::default()) else {
         panic!("allowed")
     };
     // Top-level sources here are x-api-key only.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use keygate_core::headers::HeaderMap;
 use keygate_core::keys::digest;
-use keygate_core::policy::Decision;
+use keygate_core::policy::{Decision, Denied};
 use keygate_core::testing::FakeHost;
 use keygate_core::{reply, Policy};
 use serde_json::Value;
@@ -68,7 +68,7 @@ fn case_table() {
         let expect = &case["expect"];
         let (status, code, identity) = match policy.decide(&map, &host) {
             Decision::Allow(a) => {
-                let edits = policy.forward_edits(&map, &a);
+                let edits = &a.edits;
                 let mut forwarded: Vec<&[u8]> = map.iter().map(|(n, _)| n).collect();
                 let stripped: Vec<&[u8]> = edits.strip().collect();
                 forwarded.retain(|n| !edits.remove.contains(n) && !stripped.contains(n));
@@ -91,7 +91,7 @@ fn case_table() {
                 }
                 (200, None, Some(identity.to_string()))
             }
-            Decision::Deny(d) => {
+            Decision::Deny(Denied { denial: d, .. }) => {
                 let r = reply::render(&d, policy.www_authenticate());
                 let body: Value = serde_json::from_str(&r.body).unwrap();
                 assert_eq!(body["error"], d.code.as_str());

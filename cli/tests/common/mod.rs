@@ -64,5 +64,5 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The key list file, parsed.
 pub fn read_list(file: &Path) -> keygate_core::config::KeyList {
-    keygate_core::policy::validate_key_list(&std::fs::read(file).unwrap()).unwrap()
+    keygate_core::keylist::validate_key_list(&std::fs::read(file).unwrap()).unwrap()
 }

@@ -1,0 +1,219 @@
+//! Configuration compilation's unit tests: every problem named by its
+//! field, and a policy rebuilt from its shared parts.
+
+use super::*;
+use crate::keys::digest;
+
+fn h(k: &str) -> String {
+    hex::encode(digest(k.as_bytes()))
+}
+
+fn errors(json: &str) -> Vec<String> {
+    match Policy::from_json(json.as_bytes()) {
+        Ok(_) => vec![],
+        Err(e) => e.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+fn first_error(json: &str) -> String {
+    errors(json).into_iter().next().unwrap_or_default()
+}
+
+#[test]
+fn minimal_config_compiles_with_defaults() {
+    let p =
+        Policy::from_json(format!(r#"{{"keys":[{{"id":"a","sha256":"{}"}}]}}"#, h("k")).as_bytes())
+            .unwrap();
+    assert_eq!(p.keys().len(), 1);
+    assert_eq!(p.www_authenticate(), "Bearer realm=\"keygate\"");
+    assert_eq!(p.identity_header, "x-api-key-id");
+    assert!(p.strip_credentials);
+}
+
+#[test]
+fn every_validation_error_names_its_field() {
+    let good = h("k");
+    let cases: Vec<(String, &str)> = vec![
+            ("{".into(), "configuration"),
+            (r#"{"keyz":[]}"#.into(), "unknown field `keyz`"),
+            (
+                r#"{"keys":[{"id":"a","sha256":"abc"}]}"#.into(),
+                "keys[0].sha256: must be 64 hex",
+            ),
+            (
+                format!(r#"{{"keys":[{{"id":"a","sha256":"{good}","key":"plain"}}]}}"#),
+                "keys[0]",
+            ),
+            (
+                format!(
+                    r#"{{"keys":[{{"id":"a","sha256":"{good}"}},{{"id":"a","sha256":"{}"}}]}}"#,
+                    h("j")
+                ),
+                "keys[1].id: duplicate id",
+            ),
+            (
+                format!(
+                    r#"{{"keys":[{{"id":"a","sha256":"{good}"}},{{"id":"b","sha256":"{}"}}]}}"#,
+                    good.to_uppercase()
+                ),
+                "keys: key \"b\" has the same sha256",
+            ),
+            (
+                r#"{"rate_limit":{"requests_per_second":0,"burst":5}}"#.into(),
+                "rate_limit.requests_per_second",
+            ),
+            (
+                r#"{"rate_limit":{"requests_per_second":5,"burst":-1}}"#.into(),
+                "rate_limit.burst",
+            ),
+            (
+                r#"{"rate_limit":{"requests_per_second":5,"burst":0}}"#.into(),
+                "rate_limit.burst",
+            ),
+            (
+                format!(
+                    r#"{{"keys":[{{"id":"a","sha256":"{good}","rate_limit":{{"requests_per_second":-2,"burst":1}}}}]}}"#
+                ),
+                "keys[0].rate_limit.requests_per_second",
+            ),
+            (
+                r#"{"credential_sources":[]}"#.into(),
+                "credential_sources: must list",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"cookie"}]}"#.into(),
+                "credential_sources[0]",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"header","name":"bad name"}]}"#.into(),
+                "credential_sources[0].name",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"bearer"},{"type":"bearer"}]}"#.into(),
+                "credential_sources[1]: listed twice",
+            ),
+            (
+                r#"{"identity_header":"x-api-key"}"#.into(),
+                "identity_header: must differ",
+            ),
+            (
+                r#"{"identity_header":"x_api_key","strip_credentials":false}"#.into(),
+                "identity_header: must differ",
+            ),
+            (
+                r#"{"identity_header":"Host"}"#.into(),
+                "identity_header: \"Host\" cannot carry the key id",
+            ),
+            (
+                r#"{"identity_header":"content-length"}"#.into(),
+                "identity_header: \"content-length\" cannot carry the key id",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"header","name":"host"}]}"#.into(),
+                "credential_sources[0].name: \"host\" cannot carry a key",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"bearer","scheme":"Token"}]}"#.into(),
+                "credential_sources[0]: unknown field `scheme`",
+            ),
+            (
+                r#"{"credential_sources":[{"type":"bare","prefix":"Token "}]}"#.into(),
+                "credential_sources[0]: unknown field `prefix`",
+            ),
+            (
+                r#"{"rules":[{"action":"require","attachment":{"set":"c","from":{"json_body":"/a~2"}}}]}"#
+                    .into(),
+                "rules[0].attachment.from.json_body: in a JSON pointer",
+            ),
+            (
+                format!(
+                    r#"{{"keys":[{{"id":"a","sha256":"{good}","attachments":{{"c":["x"],"c":["y"]}}}}]}}"#
+                ),
+                "keys[0].attachments: \"c\" is given twice",
+            ),
+            (
+                r#"{"rules":[{"match":{"path":"/a?b=1"},"action":"deny"}]}"#.into(),
+                "rules[0].match.path: must not hold '?'",
+            ),
+            (
+                r#"{"rules":[{"match":{"path_prefix":"/a#x"},"action":"deny"}]}"#.into(),
+                "rules[0].match.path_prefix: must not hold '?' or '#'",
+            ),
+            (r#"{"max_key_length":0}"#.into(), "max_key_length"),
+            (
+                r#"{"keys":[{"id":"has space","sha256":"00"}]}"#.into(),
+                "keys[0].id",
+            ),
+        ];
+    for (json, want) in cases {
+        let got = errors(&json);
+        assert!(
+            got.iter().any(|e| e.contains(want)),
+            "{json}\n  want {want:?}\n  got {got:?}"
+        );
+    }
+    assert!(first_error(r#"{"keys":[{"id":"a","sha256":"zz"}]}"#).starts_with("keys[0].sha256"));
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let e = errors(
+        r#"{"keys":[{"id":"","sha256":"x"}],"rate_limit":{"requests_per_second":0,"burst":0}}"#,
+    );
+    assert_eq!(e.len(), 4, "{e:?}");
+}
+
+#[test]
+fn host_patterns_that_could_never_match_are_refused() {
+    for good in [
+        "api.example.com",
+        "*.tenants.example.com",
+        "localhost",
+        "Admin.Example.COM",
+        "[2001:db8::1]",
+        "10.0.0.1",
+    ] {
+        assert!(is_host_pattern(good), "{good}");
+    }
+    for bad in [
+        "",
+        "admin.example.com:8443",
+        "admin.example.com.",
+        ".example.com",
+        "a..b",
+        "api.*.example.com",
+        "*",
+        "*.",
+        "exa mple.com",
+        "[::1]:80",
+        "[nothost]",
+        "example.com/path",
+    ] {
+        assert!(!is_host_pattern(bad), "{bad}");
+    }
+    let e = first_error(
+        r#"{"rules":[{"name":"admin","match":{"host":"admin.example.com:8443"},"action":"deny"}]}"#,
+    );
+    assert!(e.starts_with("rules[0].match.host: "), "{e}");
+    assert!(e.contains("without port"), "{e}");
+}
+
+#[test]
+fn a_policy_rebuilt_from_its_shared_parts_is_the_same() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../envoy/profiles");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let (policy, rest) = Policy::from_json_shareable(&bytes).unwrap();
+        assert!(!String::from_utf8_lossy(&rest).contains("sha256"));
+        let keys = KeyStore::from_bytes(policy.keys().fixed().as_bytes().to_vec()).unwrap();
+        let rebuilt = Policy::from_parts(&rest, Arc::new(keys)).unwrap();
+        assert_eq!(format!("{policy:?}"), format!("{rebuilt:?}"), "{path:?}");
+        seen += 1;
+    }
+    assert!(seen >= 4);
+}
