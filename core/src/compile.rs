@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::attribute::Attribute;
 use crate::config::{Config, RuleAction, RuleConfig, SourceConfig};
 use crate::control::ControlPlane;
 use crate::credential::{Extractor, Source};
@@ -13,7 +14,7 @@ use crate::keylist::{is_word, CompiledKeys};
 use crate::keys::{KeySet, KeyStore};
 use crate::policy::Policy;
 use crate::ratelimit::{bucket_scope, BlockedBuckets, Limit};
-use crate::rules::{AttachmentCheck, Attribute, Effect, Matcher, Requirement, Rule};
+use crate::rules::{AttachmentCheck, Effect, Matcher, Requirement, Rule};
 
 /// The plugin configuration, its key records compiled while they are parsed.
 type PluginConfig = Config<CompiledKeys>;

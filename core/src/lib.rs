@@ -8,6 +8,7 @@
 //! [`host::Host`] traits) → [`policy::Decision`]: the header edits to make,
 //! or the denial to answer with [`reply`].
 
+pub mod attribute;
 pub mod compile;
 pub mod config;
 pub mod control;
@@ -22,6 +23,7 @@ pub mod policy;
 pub mod published;
 pub mod ratelimit;
 pub mod reply;
+pub mod request;
 pub mod rules;
 pub mod tally;
 pub mod testing;

@@ -1,6 +1,7 @@
 //! The decision: a compiled [`Policy`] applied to one request's headers
 //! (and, when a rule reads it, its body).
 
+use crate::attribute::{read_json_body, AttrValue, Attribute, BodyValue, MAX_BODY_DEPTH};
 use crate::config::{DefaultAction, StalePolicy};
 use crate::control::ControlPlane;
 use crate::credential::{Credential, Extractor};
@@ -11,10 +12,8 @@ use crate::host::Host;
 use crate::keylist::CompiledKeyList;
 use crate::keys::{KeyMeta, KeyRef, KeySet};
 use crate::ratelimit::{self, BlockedBuckets, BucketName, Limit, Outcome, TakeError};
-use crate::rules::{
-    read_json_body, AttachmentCheck, AttrValue, Attribute, BodyValue, Effect, RequestLine,
-    Requirement, Rule, MAX_BODY_DEPTH,
-};
+use crate::request::RequestLine;
+use crate::rules::{AttachmentCheck, Effect, Requirement, Rule};
 
 /// The validated, indexed form of a plugin configuration (built by the
 /// `compile` module).

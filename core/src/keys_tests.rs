@@ -1,0 +1,179 @@
+//! The key store's unit tests: lookup, duplicates, profiles, the wire form
+//! and the merged key set.
+
+use super::*;
+
+fn store(keys: &[(&str, &str)]) -> Result<KeyStore, Vec<Clash>> {
+    let mut b = KeyStoreBuilder::default();
+    for (i, (key, id)) in keys.iter().enumerate() {
+        b.push(digest(key.as_bytes()), id, Profile::default(), i as u32);
+    }
+    b.build()
+}
+
+#[test]
+fn lookup_finds_exact_key_only() {
+    let store = store(&[("alpha", "a"), ("beta", "b")]).unwrap();
+    assert_eq!(store.lookup(b"alpha").unwrap().id(), "a");
+    assert_eq!(store.lookup(b"beta").unwrap().id(), "b");
+    assert!(store.lookup(b"Alpha").is_none());
+    assert!(store.lookup(b"alpha ").is_none());
+}
+
+#[test]
+fn duplicates_are_reported_by_source_position() {
+    let err = store(&[("x", "a"), ("y", "b"), ("x", "c"), ("z", "b")]).unwrap_err();
+    let digest_clash = Clash::Digest {
+        id: "c".into(),
+        first: 0,
+        later: 2,
+    };
+    let id_clash = Clash::Id {
+        id: "b".into(),
+        first: 1,
+        later: 3,
+    };
+    assert!(err.contains(&digest_clash), "{err:?}");
+    assert!(err.contains(&id_clash), "{err:?}");
+    assert_eq!(err.len(), 2);
+}
+
+#[test]
+fn parses_hex_digests() {
+    let h = hex::encode(digest(b"k"));
+    assert_eq!(parse_digest(&h), Some(digest(b"k")));
+    assert_eq!(parse_digest(&h.to_uppercase()), Some(digest(b"k")));
+    assert_eq!(parse_digest(&h[..63]), None);
+    assert_eq!(parse_digest(&format!("{}zz", &h[..62])), None);
+}
+
+#[test]
+fn profiles_are_interned_and_survive_the_wire_form() {
+    let limited = Profile {
+        limit: Some(Limit::new(5.0, 10)),
+        meta: KeyMeta {
+            scopes: vec!["read".into()],
+            allowed_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            ..KeyMeta::default()
+        },
+    };
+    let mut b = KeyStoreBuilder::default();
+    for i in 0..1000u32 {
+        let p = if i % 2 == 0 {
+            limited.clone()
+        } else {
+            Profile::default()
+        };
+        b.push(
+            digest(format!("key-{i}").as_bytes()),
+            &format!("id-{i}"),
+            p,
+            i,
+        );
+    }
+    let built = b.build().unwrap();
+    assert_eq!(built.len(), 1000);
+    assert_eq!(built.profile_count(), 2);
+    let copy = KeyStore::from_bytes(built.as_bytes().to_vec()).unwrap();
+    for i in 0..1000u32 {
+        let k = copy.lookup(format!("key-{i}").as_bytes()).unwrap();
+        assert_eq!(k.id(), format!("id-{i}"));
+        assert_eq!(k.limit().is_some(), i % 2 == 0);
+        assert_eq!(k.meta().scopes.len(), usize::from(i % 2 == 0));
+    }
+    assert!(copy.lookup(b"key-1000").is_none());
+    // About 40 bytes per key plus the id.
+    assert!(built.as_bytes().len() < 1000 * (40 + 6) + 300);
+}
+
+#[test]
+fn corrupt_wire_forms_are_refused() {
+    let built = store(&[("alpha", "a"), ("beta", "b"), ("gamma", "g")]).unwrap();
+    let good = built.as_bytes().to_vec();
+    assert!(KeyStore::from_bytes(good.clone()).is_some());
+    assert!(KeyStore::from_bytes(Vec::new()).is_none());
+    assert!(KeyStore::from_bytes(good[..good.len() - 1].to_vec()).is_none());
+    let mut bad_magic = good.clone();
+    bad_magic[0] = b'X';
+    assert!(KeyStore::from_bytes(bad_magic).is_none());
+    // Digests out of order.
+    let mut swapped = good.clone();
+    let (a, b) = swapped[HEADER..HEADER + 64].split_at_mut(32);
+    a.swap_with_slice(b);
+    assert!(KeyStore::from_bytes(swapped).is_none());
+    // Huge count.
+    let mut huge = good;
+    huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(KeyStore::from_bytes(huge).is_none());
+}
+
+#[test]
+fn key_sets_number_static_keys_first_and_refuse_clashes() {
+    let fixed = Arc::new(store(&[("s1", "static-1")]).unwrap());
+    let set = KeySet::new(fixed);
+    let merged = set
+        .with_list(Arc::new(
+            store(&[("d1", "dyn-1"), ("d2", "dyn-2")]).unwrap(),
+        ))
+        .unwrap();
+    assert_eq!(merged.len(), 3);
+    let (pos, k) = merged.get(&digest(b"d2")).unwrap();
+    assert_eq!(k.id(), "dyn-2");
+    assert_eq!(merged.at(pos).unwrap().id(), "dyn-2");
+    assert_eq!(merged.get(&digest(b"s1")).unwrap().0, 0);
+    let same_id = set.with_list(Arc::new(store(&[("other", "static-1")]).unwrap()));
+    assert_eq!(
+        same_id.unwrap_err(),
+        vec![("static-1".to_string(), "same id".to_string())]
+    );
+    let same_digest = set.with_list(Arc::new(store(&[("s1", "renamed")]).unwrap()));
+    assert_eq!(
+        same_digest.unwrap_err(),
+        vec![(
+            "renamed".to_string(),
+            "same sha256 as static key \"static-1\"".to_string()
+        )]
+    );
+}
+
+#[test]
+fn digests_sharing_a_long_prefix_are_still_ordered_and_found() {
+    let mut b = KeyStoreBuilder::default();
+    let mut digests = Vec::new();
+    for (i, last) in [9u8, 3, 7, 1].iter().enumerate() {
+        let mut d = [0xabu8; 32];
+        d[31] = *last;
+        digests.push(d);
+        b.push(d, &format!("id-{i}"), Profile::default(), i as u32);
+    }
+    let store = b.build().unwrap();
+    let order: Vec<&[u8]> = store.digests().collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]));
+    for (i, d) in digests.iter().enumerate() {
+        assert_eq!(store.get(d).unwrap().1.id(), format!("id-{i}"));
+    }
+}
+
+#[test]
+fn keys_with_settings_of_their_own_each_keep_theirs() {
+    let mut b = KeyStoreBuilder::default();
+    for i in 0..500u32 {
+        let meta = KeyMeta {
+            expires_at: Some(1_700_000_000 + i64::from(i)),
+            ..KeyMeta::default()
+        };
+        b.push(
+            digest(&i.to_le_bytes()),
+            &format!("k{i}"),
+            Profile { limit: None, meta },
+            i,
+        );
+    }
+    let store = KeyStore::from_bytes(b.build().unwrap().as_bytes().to_vec()).unwrap();
+    assert_eq!(store.profile_count(), 500);
+    for i in [0u32, 17, 499] {
+        let k = store.lookup(&i.to_le_bytes()).unwrap();
+        assert_eq!(k.id(), format!("k{i}"));
+        assert_eq!(k.meta().expires_at, Some(1_700_000_000 + i64::from(i)));
+    }
+}
