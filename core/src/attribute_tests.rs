@@ -2,17 +2,7 @@
 //! bodies, and the copies a backend could take for the attribute.
 
 use super::*;
-
-fn line<'a>(pairs: &'a [(&'a str, &'a str)]) -> (HeaderMap<'a>, RequestLine<'a>) {
-    let map = HeaderMap::from_pairs(
-        pairs
-            .iter()
-            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
-            .collect(),
-    );
-    let l = RequestLine::from_headers(&map);
-    (map, l)
-}
+use crate::request::line;
 
 #[test]
 fn bodies_nesting_past_the_depth_limit_are_told_apart_from_broken_ones() {

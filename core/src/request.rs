@@ -51,20 +51,22 @@ fn strip_port(authority: &[u8]) -> &[u8] {
     }
 }
 
+/// The header map and request line of `pairs`, for tests.
+#[cfg(test)]
+pub(crate) fn line<'a>(pairs: &'a [(&'a str, &'a str)]) -> (HeaderMap<'a>, RequestLine<'a>) {
+    let map = HeaderMap::from_pairs(
+        pairs
+            .iter()
+            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+            .collect(),
+    );
+    let l = RequestLine::from_headers(&map);
+    (map, l)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn line<'a>(pairs: &'a [(&'a str, &'a str)]) -> (HeaderMap<'a>, RequestLine<'a>) {
-        let map = HeaderMap::from_pairs(
-            pairs
-                .iter()
-                .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
-                .collect(),
-        );
-        let l = RequestLine::from_headers(&map);
-        (map, l)
-    }
 
     #[test]
     fn request_line_splits_path_query_and_port() {

@@ -125,18 +125,7 @@ pub struct Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::headers::HeaderMap;
-
-    fn line<'a>(pairs: &'a [(&'a str, &'a str)]) -> (HeaderMap<'a>, RequestLine<'a>) {
-        let map = HeaderMap::from_pairs(
-            pairs
-                .iter()
-                .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
-                .collect(),
-        );
-        let l = RequestLine::from_headers(&map);
-        (map, l)
-    }
+    use crate::request::line;
 
     #[test]
     fn matcher_criteria() {
