@@ -22,6 +22,9 @@ use crate::shared::SharedCounters;
 /// Name of the filter-state value carrying the denial, for access logs
 /// (`%FILTER_STATE(wasm.keygate_denial:PLAIN)%`).
 const FILTER_STATE_DENIAL: &str = "keygate_denial";
+/// Filter state naming the refusal shadow mode let through, as
+/// `<code> (<reason>)` (`%FILTER_STATE(wasm.keygate_shadow:PLAIN)%`).
+const FILTER_STATE_SHADOW: &str = "keygate_shadow";
 
 /// Buckets are created at configure time for lists up to this size; larger
 /// lists create them on first use.
@@ -252,6 +255,9 @@ impl HttpContext for KeygateRequest {
         };
         match policy.decide(&map, &RequestHost { stale: self.stale }) {
             Decision::Allow(allowed) => {
+                if let Some(denied) = &allowed.shadow {
+                    self.report(denied);
+                }
                 if !apply_edits(&allowed.edits) {
                     // Forwarding without a trustworthy identity is worse than refusing.
                     return self.fail("identity header not set");
@@ -323,8 +329,27 @@ impl KeygateRequest {
     fn finish_body(&mut self, policy: &Policy, hold: Hold, body: &[u8], truncated: bool) -> Action {
         self.hold = None;
         match policy.decide_body(hold, body, truncated) {
-            Ok(()) => self.allow(),
+            Ok(None) => self.allow(),
+            Ok(Some(denied)) => {
+                self.report(&denied);
+                self.allow()
+            }
             Err(denied) => self.refuse(&denied),
+        }
+    }
+
+    /// Records a refusal that shadow mode lets through: filter state, stat
+    /// and debug log, as a denial is recorded.
+    fn report(&self, denied: &Denied<'_>) {
+        let Denied { denial, key } = denied;
+        let (code, reason) = (denial.code.as_str(), denial.reason);
+        self.metrics.shadowed(denial.code);
+        let _ = abi::set_filter_state(FILTER_STATE_SHADOW, format!("{code} ({reason})").as_bytes());
+        if abi::log_enabled(Level::Debug) {
+            abi::log(
+                Level::Debug,
+                &format!("shadow: would deny {code} ({reason}) key={key}"),
+            );
         }
     }
 

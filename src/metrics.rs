@@ -37,6 +37,9 @@ impl Metrics {
                 Outcome::Denied(code) => {
                     abi::define_counter(&format!("keygate.denied.{}", code.as_str())).ok()
                 }
+                Outcome::Shadow(code) => {
+                    abi::define_counter(&format!("keygate.shadow.{}", code.as_str())).ok()
+                }
             })
             .collect();
         Metrics {
@@ -53,6 +56,11 @@ impl Metrics {
     /// One more denial with `code`.
     pub fn denied(&self, code: DenyCode) {
         self.tally.add(Outcome::Denied(code));
+    }
+
+    /// One more refusal with `code` reported in shadow mode.
+    pub fn shadowed(&self, code: DenyCode) {
+        self.tally.add(Outcome::Shadow(code));
     }
 
     /// Hands the counts made since the last flush to Envoy.

@@ -159,6 +159,7 @@ impl Policy {
                     default_limit,
                     list_version: None,
                     bucket_scope: bucket_scope(""),
+                    mode: cfg.mode,
                     blocked: BlockedBuckets::default(),
                 })
             }
@@ -302,6 +303,7 @@ fn compile_rules(cfg: &PluginConfig, errors: &mut Vec<ConfigError>) -> Vec<Rule>
             name,
             matcher: Matcher::new(m),
             effect,
+            mode: r.mode,
         });
     }
     rules

@@ -47,6 +47,21 @@ pub struct Config<Keys> {
     /// Poll a control plane for (more) keys.
     #[serde(default)]
     pub control_plane: Option<ControlPlaneConfig>,
+    /// `enforce` (default) or `shadow`; a rule or a key record may override it.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// Whether refusals are answered or only reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Refusals are answered locally; the backend never sees the request.
+    #[default]
+    Enforce,
+    /// Refusals are reported (filter state, stats, debug log) and the
+    /// request is forwarded, with an identity only for a valid key.
+    Shadow,
 }
 
 /// Handling of requests that match no rule.
@@ -102,6 +117,9 @@ pub struct RuleConfig {
     /// Rate limit for this rule instead of the key's, in a bucket of its own.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Mode of this rule's refusals, over the top-level `mode`.
+    #[serde(default)]
+    pub mode: Option<Mode>,
 }
 
 /// Request matcher; every present field must match.
@@ -214,6 +232,9 @@ pub struct KeyConfig {
     /// Display form of the key (prefix + last 4), written by `keygate keys create`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
+    /// Mode of this key's refusals, over the rule's and the top-level `mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
 }
 
 /// A token-bucket rate limit.

@@ -75,6 +75,16 @@ impl Extractor {
         self.bearer
     }
 
+    /// A credential as if every configured source had carried it: stripping
+    /// it removes them all (for a request forwarded without a usable key).
+    pub fn every_carrier(&self) -> Credential<'static> {
+        Credential {
+            key: b"",
+            header_bits: u32::MAX,
+            in_authorization: self.bearer || self.bare,
+        }
+    }
+
     /// Names of the headers that carried `cred`, for stripping before forwarding.
     pub fn carrier_names<'s>(&'s self, cred: &Credential<'_>) -> impl Iterator<Item = &'s [u8]> {
         let bits = cred.header_bits;

@@ -265,6 +265,7 @@ fn has_meta(k: &KeyConfig) -> bool {
         || !k.allowed_cidrs.is_empty()
         || !k.attachments.is_empty()
         || k.environment.is_some()
+        || k.mode.is_some()
 }
 
 /// Duplicate ids involving a record that failed to compile (duplicates among
@@ -369,6 +370,7 @@ fn compile_meta(k: &KeyConfig, field: &str, errors: &mut Vec<ConfigError>) -> Ke
         allowed_cidrs,
         attachments,
         environment: k.environment.clone(),
+        mode: k.mode,
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::config::Mode;
 use crate::ratelimit::Limit;
 
 /// A SHA-256 digest.
@@ -64,6 +65,9 @@ pub struct KeyMeta {
     /// Environment, e.g. `live`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
+    /// Mode of this key's refusals, if the record sets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
 }
 
 impl KeyMeta {

@@ -2,7 +2,7 @@
 //! (and, when a rule reads it, its body).
 
 use crate::attribute::{read_json_body, AttrValue, Attribute, BodyValue, MAX_BODY_DEPTH};
-use crate::config::{DefaultAction, StalePolicy};
+use crate::config::{DefaultAction, Mode, StalePolicy};
 use crate::control::ControlPlane;
 use crate::credential::{Credential, Extractor};
 use crate::denial::{Denial, DenyCode, KeyLabel, Masked, RateInfo};
@@ -38,6 +38,8 @@ pub struct Policy {
     pub(crate) bucket_scope: String,
     /// Buckets this VM found blocked: their 429s skip the shared-data read.
     pub(crate) blocked: BlockedBuckets,
+    /// Top-level mode of refusals.
+    pub(crate) mode: Mode,
 }
 
 /// What to do with a request: everything the filter needs to act on it.
@@ -61,6 +63,8 @@ pub struct Allowed<'p, 'h> {
     pub edits: Edits<'p, 'h>,
     /// A JSON body attachment check still to pass, for [`Policy::decide_body`].
     pub body_check: Option<Hold>,
+    /// In shadow mode, the refusal enforce mode would have answered with.
+    pub shadow: Option<Denied<'p>>,
 }
 
 /// A refused request: the denial to answer with, and the key it is about
@@ -73,11 +77,31 @@ pub struct Denied<'p> {
     pub key: KeyLabel<'p>,
 }
 
-impl Denied<'_> {
-    fn anonymous(denial: Denial) -> Self {
-        Denied {
+/// A refusal before its mode applies, with what shadow mode needs to
+/// forward the request anyway.
+struct Refusal<'p, 'h> {
+    denial: Denial,
+    key: KeyLabel<'p>,
+    /// The key when it is listed, enabled and unexpired: only such a key
+    /// earns an identity header in shadow mode.
+    valid_key: Option<KeyRef<'p>>,
+    /// The key record's own mode.
+    key_mode: Option<Mode>,
+    /// The credential found, if any, and the sources that applied.
+    credential: Option<Credential<'h>>,
+    extractor: &'p Extractor,
+}
+
+impl<'p> Refusal<'p, '_> {
+    /// A refusal before any key was read.
+    fn anonymous(denial: Denial, extractor: &'p Extractor) -> Self {
+        Refusal {
             denial,
             key: KeyLabel::None,
+            valid_key: None,
+            key_mode: None,
+            credential: None,
+            extractor,
         }
     }
 }
@@ -215,40 +239,70 @@ impl Policy {
                     rate: None,
                     edits: self.edits(headers, None, None),
                     body_check: None,
+                    shadow: None,
                 })
             }
             Some((i, rule)) => match &rule.effect {
                 Effect::Require(req) => (Some(&**req), Some(i)),
                 _ => {
-                    return Decision::Deny(Denied::anonymous(Denial::new(
-                        DenyCode::RouteNotAllowed,
-                        "rule denies this route",
-                    )))
+                    let denial = Denial::new(DenyCode::RouteNotAllowed, "rule denies this route");
+                    let refusal = Refusal::anonymous(denial, &self.extractor);
+                    return self.refuse(headers, refusal, rule.mode);
                 }
             },
             None if self.default_action == DefaultAction::Deny => {
-                return Decision::Deny(Denied::anonymous(Denial::new(
-                    DenyCode::RouteNotAllowed,
-                    "no rule matches this route",
-                )))
+                let denial = Denial::new(DenyCode::RouteNotAllowed, "no rule matches this route");
+                return self.refuse(headers, Refusal::anonymous(denial, &self.extractor), None);
             }
             None => (None, None),
         };
+        let rule_mode = rule_index.and_then(|i| self.rules.get(i as usize)?.mode);
         match self.authorize(headers, &line, requirement, rule_index, host) {
             Ok(a) => Decision::Allow(a),
             // The challenge names the sources that applied on this route.
-            Err(d) => Decision::Deny(Denied {
-                denial: Denial {
-                    bearer: requirement
-                        .and_then(|r| r.extractor.as_ref())
-                        .map(Extractor::accepts_bearer),
-                    ..d.denial
-                },
-                key: d.key,
-            }),
+            Err(r) => {
+                let bearer = requirement
+                    .and_then(|r| r.extractor.as_ref())
+                    .map(Extractor::accepts_bearer);
+                let denial = Denial { bearer, ..r.denial };
+                self.refuse(headers, Refusal { denial, ..r }, rule_mode)
+            }
         }
     }
 
+    /// Applies the mode of a refusal: the key's, else the rule's, else the
+    /// policy's. In shadow mode the request goes on, carrying the refusal;
+    /// it gets an identity only from a valid key, and loses the credential
+    /// (every configured source when none was read) and client copies of
+    /// the identity header as an allowed request does.
+    fn refuse<'p, 'h>(
+        &'p self,
+        headers: &HeaderMap<'h>,
+        r: Refusal<'p, 'h>,
+        rule_mode: Option<Mode>,
+    ) -> Decision<'p, 'h> {
+        let denied = Denied {
+            denial: r.denial,
+            key: r.key,
+        };
+        match r.key_mode.or(rule_mode).unwrap_or(self.mode) {
+            Mode::Enforce => Decision::Deny(denied),
+            Mode::Shadow => {
+                let credential = r.credential.unwrap_or_else(|| r.extractor.every_carrier());
+                Decision::Allow(Allowed {
+                    key: r.valid_key,
+                    rate: None,
+                    edits: self.edits(headers, r.valid_key, Some((credential, r.extractor))),
+                    body_check: None,
+                    shadow: Some(denied),
+                })
+            }
+        }
+    }
+
+    // The refusal stays on the stack: boxing it would allocate on every
+    // refused request, and the allowed side is as large.
+    #[allow(clippy::result_large_err)]
     fn authorize<'p, 'h>(
         &'p self,
         headers: &HeaderMap<'h>,
@@ -256,12 +310,15 @@ impl Policy {
         requirement: Option<&'p Requirement>,
         rule_index: Option<u32>,
         host: &dyn Host,
-    ) -> Result<Allowed<'p, 'h>, Denied<'p>> {
+    ) -> Result<Allowed<'p, 'h>, Refusal<'p, 'h>> {
+        let extractor = requirement
+            .and_then(|r| r.extractor.as_ref())
+            .unwrap_or(&self.extractor);
         if self.awaiting_list {
-            return Err(Denied::anonymous(Denial::new(
-                DenyCode::KeyListUnavailable,
-                "no key list loaded yet",
-            )));
+            return Err(Refusal::anonymous(
+                Denial::new(DenyCode::KeyListUnavailable, "no key list loaded yet"),
+                extractor,
+            ));
         }
         if host.key_list_stale()
             && self
@@ -269,19 +326,25 @@ impl Policy {
                 .as_ref()
                 .is_some_and(|c| c.stale_policy == StalePolicy::FailClosed)
         {
-            return Err(Denied::anonymous(Denial::new(
-                DenyCode::KeyListUnavailable,
-                "key list older than max_staleness",
-            )));
+            return Err(Refusal::anonymous(
+                Denial::new(
+                    DenyCode::KeyListUnavailable,
+                    "key list older than max_staleness",
+                ),
+                extractor,
+            ));
         }
-        let extractor = requirement
-            .and_then(|r| r.extractor.as_ref())
-            .unwrap_or(&self.extractor);
-        let credential = extractor.extract(headers).map_err(Denied::anonymous)?;
+        let credential = extractor
+            .extract(headers)
+            .map_err(|d| Refusal::anonymous(d, extractor))?;
         let Some((record, key)) = self.keys.get(&crate::keys::digest(credential.key)) else {
-            return Err(Denied {
-                denial: Denial::new(DenyCode::InvalidApiKey, "unknown key"),
+            return Err(Refusal {
                 key: KeyLabel::Masked(Masked::of(credential.key)),
+                credential: Some(credential),
+                ..Refusal::anonymous(
+                    Denial::new(DenyCode::InvalidApiKey, "unknown key"),
+                    extractor,
+                )
             });
         };
         match self.admit(headers, line, requirement, rule_index, host, record, key) {
@@ -290,10 +353,20 @@ impl Policy {
                 rate,
                 edits: self.edits(headers, Some(key), Some((credential, extractor))),
                 body_check,
+                shadow: None,
             }),
-            Err(denial) => Err(Denied {
+            Err(denial) => Err(Refusal {
+                // A revoked or expired key is not valid, whatever else is refused.
+                valid_key: (!matches!(
+                    denial.code,
+                    DenyCode::InvalidApiKey | DenyCode::ExpiredApiKey
+                ))
+                .then_some(key),
                 denial,
                 key: KeyLabel::Id(key.id()),
+                key_mode: key.meta().mode,
+                credential: Some(credential),
+                extractor,
             }),
         }
     }
@@ -378,15 +451,32 @@ impl Policy {
     /// Finishes a held request: reads the attachment value from the buffered
     /// JSON body and checks it against the key. `truncated` means the body
     /// went over `max_body_bytes`.
-    pub fn decide_body(&self, hold: Hold, body: &[u8], truncated: bool) -> Result<(), Denied<'_>> {
-        self.check_body(hold, body, truncated)
-            .map_err(|denial| Denied {
-                denial,
-                key: self
-                    .keys
-                    .at(hold.record)
-                    .map_or(KeyLabel::None, |k| KeyLabel::Id(k.id())),
-            })
+    ///
+    /// `Ok(None)`: forward it. `Ok(Some(_))`: forward it, reporting the
+    /// refusal that shadow mode holds back. `Err(_)`: refuse it.
+    pub fn decide_body(
+        &self,
+        hold: Hold,
+        body: &[u8],
+        truncated: bool,
+    ) -> Result<Option<Denied<'_>>, Denied<'_>> {
+        let Err(denial) = self.check_body(hold, body, truncated) else {
+            return Ok(None);
+        };
+        let key = self.keys.at(hold.record);
+        let denied = Denied {
+            denial,
+            key: key.map_or(KeyLabel::None, |k| KeyLabel::Id(k.id())),
+        };
+        let rule_mode = self.rules.get(hold.rule as usize).and_then(|r| r.mode);
+        match key
+            .and_then(|k| k.meta().mode)
+            .or(rule_mode)
+            .unwrap_or(self.mode)
+        {
+            Mode::Enforce => Err(denied),
+            Mode::Shadow => Ok(Some(denied)),
+        }
     }
 
     fn check_body(&self, hold: Hold, body: &[u8], truncated: bool) -> Result<(), Denial> {

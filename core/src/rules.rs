@@ -1,7 +1,7 @@
 //! Route rules: compiled matchers and the requirements a matching request must meet.
 
 use crate::attribute::Attribute;
-use crate::config::MatchConfig;
+use crate::config::{MatchConfig, Mode};
 use crate::credential::Extractor;
 use crate::ratelimit::Limit;
 use crate::request::RequestLine;
@@ -120,6 +120,8 @@ pub struct Rule {
     pub matcher: Matcher,
     /// What it does.
     pub effect: Effect,
+    /// Mode of its refusals, if the rule sets one.
+    pub mode: Option<Mode>,
 }
 
 #[cfg(test)]

@@ -8,34 +8,52 @@ use std::cell::Cell;
 
 use crate::DenyCode;
 
-/// One counted outcome: a request let through, or a denial with its code.
+/// One counted outcome: a request let through, a denial with its code, or
+/// a refusal that shadow mode reported and let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Forwarded to the backend.
     Allowed,
     /// Answered locally with this code.
     Denied(DenyCode),
+    /// Would have been answered with this code; forwarded in shadow mode.
+    Shadow(DenyCode),
 }
 
+/// Number of distinct outcomes.
+const OUTCOMES: usize = 1 + 2 * DenyCode::ALL.len();
+
 impl Outcome {
-    /// Every outcome, in index order: `Allowed`, then each code of [`DenyCode::ALL`].
+    /// Every outcome, in index order: `Allowed`, each code of
+    /// [`DenyCode::ALL`] denied, then each reported in shadow mode.
     pub fn all() -> impl Iterator<Item = Outcome> {
-        std::iter::once(Outcome::Allowed).chain(DenyCode::ALL.iter().map(|c| Outcome::Denied(*c)))
+        std::iter::once(Outcome::Allowed)
+            .chain(DenyCode::ALL.iter().map(|c| Outcome::Denied(*c)))
+            .chain(DenyCode::ALL.iter().map(|c| Outcome::Shadow(*c)))
     }
 
-    /// Position in [`Outcome::all`]: 0 for `Allowed`, then 1 + the code's index.
+    /// Position in [`Outcome::all`].
     pub fn index(self) -> usize {
         match self {
             Outcome::Allowed => 0,
             Outcome::Denied(code) => 1 + code as usize,
+            Outcome::Shadow(code) => 1 + DenyCode::ALL.len() + code as usize,
         }
     }
 }
 
 /// Outcomes counted since the last [`Tally::drain`]. Single-threaded, like a VM.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tally {
-    counts: [Cell<u64>; 1 + DenyCode::ALL.len()],
+    counts: [Cell<u64>; OUTCOMES],
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            counts: std::array::from_fn(|_| Cell::new(0)),
+        }
+    }
 }
 
 impl Tally {
@@ -76,6 +94,7 @@ mod tests {
         t.add(Outcome::Denied(DenyCode::RateLimited));
         t.add(Outcome::Denied(DenyCode::MissingApiKey));
         t.add(Outcome::Denied(DenyCode::RateLimited));
+        t.add(Outcome::Shadow(DenyCode::RateLimited));
         let mut got = drained(&t);
         got.sort_by_key(|(o, _)| o.index());
         assert_eq!(
@@ -84,6 +103,7 @@ mod tests {
                 (Outcome::Allowed, 3),
                 (Outcome::Denied(DenyCode::MissingApiKey), 1),
                 (Outcome::Denied(DenyCode::RateLimited), 2),
+                (Outcome::Shadow(DenyCode::RateLimited), 1),
             ]
         );
         assert!(drained(&t).is_empty(), "a second drain has nothing new");
@@ -101,7 +121,7 @@ mod tests {
             t.add(o);
         }
         let got = drained(&t);
-        assert_eq!(got.len(), 1 + DenyCode::ALL.len());
+        assert_eq!(got.len(), OUTCOMES);
         assert!(got.iter().all(|(_, n)| *n == 1));
         assert!(got.iter().map(|(o, _)| *o).eq(Outcome::all()));
     }

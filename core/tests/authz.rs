@@ -231,6 +231,7 @@ fn json_body_attachment_is_decided_after_the_body() {
     let hold = hold.unwrap();
     let body = |b: &str| {
         p.decide_body(hold, b.as_bytes(), false)
+            .map(|shadow| assert!(shadow.is_none()))
             .map_err(|d| d.denial.code.as_str())
     };
     assert_eq!(body(r#"{"flo_campaign_id":"c-17"}"#), Ok(()));

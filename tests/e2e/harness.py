@@ -642,6 +642,7 @@ ACCESS_LOG_FORMAT = {
     "path": "%REQ(:PATH)%",
     "method": "%REQ(:METHOD)%",
     "denial": "%FILTER_STATE(wasm.keygate_denial:PLAIN)%",
+    "shadow": "%FILTER_STATE(wasm.keygate_shadow:PLAIN)%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "upstream": "%UPSTREAM_HOST%",
 }
