@@ -11,6 +11,7 @@ pub mod denial;
 pub mod headers;
 pub mod keys;
 pub mod policy;
+pub mod poller;
 pub mod published;
 pub mod ratelimit;
 pub mod reply;

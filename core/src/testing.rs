@@ -1,6 +1,6 @@
 //! Fakes of the host for tests: an in-memory CAS store with Envoy's shared-data
-//! semantics, a [`Host`] with settable clocks and address, and the header map
-//! of a typical request.
+//! semantics, a [`Host`] with settable clocks and address, the header map
+//! of a typical request, and HTTP callouts the test answers ([`FakeCallouts`]).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use crate::headers::encode;
 use crate::policy::Host;
+use crate::poller::Callout;
 use crate::ratelimit::{CounterStore, StoreError, Versioned};
 
 /// Shared data as Envoy keeps it: each write bumps the CAS token; a key that
@@ -123,6 +124,83 @@ pub fn get_request_wire(key: Option<&[u8]>) -> Vec<u8> {
     ];
     if let Some(k) = key {
         pairs.push((b"x-api-key", k));
+    }
+    encode(&pairs)
+}
+
+/// One GET the poller asked [`FakeCallouts`] to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentGet {
+    /// The token handed back for it.
+    pub token: u32,
+    /// The Envoy cluster.
+    pub cluster: String,
+    /// Its headers, pseudo-headers included.
+    pub headers: Vec<(String, String)>,
+    /// Its timeout.
+    pub timeout_ms: u64,
+}
+
+impl SentGet {
+    /// The value of header `name`, if it was sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// HTTP callouts that are recorded, never sent: the test answers them.
+#[derive(Debug, Default)]
+pub struct FakeCallouts {
+    /// Every GET sent, oldest first.
+    pub sent: Vec<SentGet>,
+    /// While set, the host refuses to send (as for an unknown cluster),
+    /// with this status.
+    pub refuse: Option<String>,
+    /// Body of the response being handled.
+    pub body: Vec<u8>,
+}
+
+impl Callout for FakeCallouts {
+    fn dispatch_get(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        timeout_ms: u64,
+    ) -> Result<u32, String> {
+        if let Some(status) = &self.refuse {
+            return Err(status.clone());
+        }
+        let token = u32::try_from(self.sent.len() + 1).unwrap_or(u32::MAX);
+        self.sent.push(SentGet {
+            token,
+            cluster: cluster.to_string(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            timeout_ms,
+        });
+        Ok(token)
+    }
+
+    fn response_body(&mut self, max: usize) -> Vec<u8> {
+        self.body.iter().copied().take(max).collect()
+    }
+}
+
+/// The serialized header map of a callout response with `status` and,
+/// if given, an `etag`.
+pub fn response_headers(status: u16, etag: Option<&str>) -> Vec<u8> {
+    let status = status.to_string();
+    let mut pairs: Vec<(&[u8], &[u8])> = vec![
+        (b":status", status.as_bytes()),
+        (b"content-type", b"application/json"),
+    ];
+    if let Some(etag) = etag {
+        pairs.push((b"etag", etag.as_bytes()));
     }
     encode(&pairs)
 }
