@@ -5,6 +5,7 @@
 //! [`policy::Decision`] → [`reply::render`] or [`policy::Policy::forward_edits`].
 
 pub mod config;
+pub mod config_share;
 pub mod control;
 pub mod credential;
 pub mod denial;

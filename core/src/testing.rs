@@ -1,15 +1,17 @@
 //! Fakes of the host for tests: an in-memory CAS store with Envoy's shared-data
 //! semantics, a [`Host`] with settable clocks and address, the header map
-//! of a typical request, and HTTP callouts the test answers ([`FakeCallouts`]).
+//! of a typical request, HTTP callouts the test answers ([`FakeCallouts`])
+//! and a VM's configuration buffer ([`FakeShareHost`]).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
+use crate::config_share::ShareHost;
 use crate::headers::encode;
 use crate::policy::Host;
-use crate::poller::Callout;
+use crate::poller::{Callout, Level};
 use crate::ratelimit::{CounterStore, StoreError, Versioned};
 
 /// Shared data as Envoy keeps it: each write bumps the CAS token; a key that
@@ -203,4 +205,76 @@ pub fn response_headers(status: u16, etag: Option<&str>) -> Vec<u8> {
         pairs.push((b"etag", etag.as_bytes()));
     }
     encode(&pairs)
+}
+
+/// One VM's view of its plugin configuration, randomness, clock and log.
+#[derive(Debug, Default)]
+pub struct FakeShareHost {
+    /// The plugin configuration.
+    pub config: Vec<u8>,
+    /// What the VM draws as a secret (`None`: randomness unavailable).
+    pub secret: Option<[u8; 16]>,
+    /// Monotonic nanoseconds (`None`: the clock is refused).
+    pub monotonic: Cell<Option<u64>>,
+    /// `KEYGATE_SHARE_KEEP_S` in the VM's environment.
+    pub keep: Option<String>,
+    /// Reading the configuration fails with this status.
+    pub unreadable: Option<String>,
+    /// Lines logged.
+    pub logs: RefCell<Vec<(Level, String)>>,
+}
+
+impl FakeShareHost {
+    /// A VM with `config`, drawing `secret`, at monotonic time `now_ns`.
+    pub fn new(config: &[u8], secret: u8, now_ns: u64) -> Self {
+        FakeShareHost {
+            config: config.to_vec(),
+            secret: Some([secret; 16]),
+            monotonic: Cell::new(Some(now_ns)),
+            ..FakeShareHost::default()
+        }
+    }
+
+    /// Lines logged at `level`.
+    pub fn logged(&self, level: Level) -> Vec<String> {
+        self.logs
+            .borrow()
+            .iter()
+            .filter(|(l, _)| *l == level)
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+}
+
+impl ShareHost for FakeShareHost {
+    fn config_chunk(&self, at: usize, len: usize) -> Option<Vec<u8>> {
+        if self.unreadable.is_some() {
+            return None;
+        }
+        let end = at.saturating_add(len).min(self.config.len());
+        Some(self.config.get(at..end).unwrap_or_default().to_vec())
+    }
+
+    fn config(&self) -> Result<Vec<u8>, String> {
+        match &self.unreadable {
+            Some(status) => Err(status.clone()),
+            None => Ok(self.config.clone()),
+        }
+    }
+
+    fn random_secret(&self) -> Option<[u8; 16]> {
+        self.secret
+    }
+
+    fn monotonic_ns(&self) -> Option<u64> {
+        self.monotonic.get()
+    }
+
+    fn keep_setting(&self) -> Option<String> {
+        self.keep.clone()
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        self.logs.borrow_mut().push((level, message.to_string()));
+    }
 }
