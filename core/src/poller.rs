@@ -1,12 +1,12 @@
 //! The control-plane poller's state machine: lease, fetch, pages, publish, adopt, staleness.
 //!
 //! One VM per Envoy fetches (it holds a lease in shared data), validates what
-//! it gets and publishes the compiled list; every VM, the fetcher included,
-//! switches to the published generation on its next tick. Shared data comes
-//! in through [`CounterStore`], the HTTP callout through [`Callout`], the
-//! monotonic clock through a closure (the three bundled in [`Io`]), and each step hands back a [`Step`]:
-//! the policy to switch to, what to count and what to log. The glue only
-//! makes the host calls.
+//! it gets and publishes the compiled list, switching to it at once; every
+//! other VM adopts the published generation on its next tick. Shared data
+//! comes in through [`CounterStore`], the HTTP callout through [`Callout`],
+//! the monotonic clock through a closure (the three bundled in [`Io`]), and
+//! each step hands back a [`Step`]: the policy to switch to, what to count
+//! and what to log. The glue only makes the host calls.
 
 use crate::control::{classify, ControlPlane, FetchOutcome, Lease, Published};
 use crate::headers::HeaderMap;
