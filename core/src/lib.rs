@@ -11,6 +11,7 @@
 pub mod attribute;
 pub mod compile;
 pub mod config;
+pub mod config_share;
 pub mod control;
 pub mod credential;
 pub mod denial;
@@ -20,6 +21,7 @@ pub mod host;
 pub mod keylist;
 pub mod keys;
 pub mod policy;
+pub mod poller;
 pub mod published;
 pub mod ratelimit;
 pub mod reply;
