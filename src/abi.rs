@@ -239,12 +239,15 @@ pub fn replace_request_header(name: &[u8], value: &[u8]) -> Result<(), Status> {
     })
 }
 
-/// Sends a local reply. `headers` is a serialized header map.
+/// Sends a local reply. `headers` is a serialized header map. For a gRPC
+/// request Envoy sends `grpc_status` (when not -1) with the body as
+/// `grpc-message`.
 pub fn send_local_response(
     code: u32,
     details: &str,
     body: &[u8],
     headers: &[u8],
+    grpc_status: i32,
 ) -> Result<(), Status> {
     // SAFETY: pointers and lengths describe live slices.
     status(unsafe {
@@ -256,7 +259,7 @@ pub fn send_local_response(
             body.len(),
             headers.as_ptr(),
             headers.len(),
-            -1,
+            grpc_status,
         )
     })
 }

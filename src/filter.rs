@@ -385,6 +385,7 @@ impl KeygateRequest {
             &reply.details,
             reply.body.as_bytes(),
             &reply.headers,
+            reply.grpc_status,
         )
         .is_err()
         {

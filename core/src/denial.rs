@@ -105,6 +105,22 @@ impl DenyCode {
         }
     }
 
+    /// The gRPC status a gRPC caller gets instead of the HTTP status:
+    /// UNAUTHENTICATED for 401, PERMISSION_DENIED for 403, RESOURCE_EXHAUSTED
+    /// for 429 and 413 (not the UNAVAILABLE Envoy maps a bare 429 to, which
+    /// clients retry at once), INVALID_ARGUMENT for 400, UNAVAILABLE for 503,
+    /// INTERNAL for 500.
+    pub const fn grpc_status(self) -> u32 {
+        match self.status() {
+            401 => 16,
+            403 => 7,
+            429 | 413 => 8,
+            400 => 3,
+            503 => 14,
+            _ => 13,
+        }
+    }
+
     /// One sentence for a person. Never contains request data.
     pub const fn message(self) -> &'static str {
         match self {
@@ -245,6 +261,8 @@ pub struct Denial {
     /// For 401s: whether the credential sources that applied accept Bearer
     /// (`None`: the policy's top-level sources decide).
     pub bearer: Option<bool>,
+    /// The request is gRPC: the reply is a gRPC status, not a JSON body.
+    pub grpc: bool,
 }
 
 impl Denial {
@@ -255,6 +273,7 @@ impl Denial {
             reason,
             rate: None,
             bearer: None,
+            grpc: false,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::host::Host;
 use crate::keylist::CompiledKeyList;
 use crate::keys::{KeyMeta, KeyRef, KeySet};
 use crate::ratelimit::{self, BlockedBuckets, BucketName, Limit, Outcome, TakeError};
-use crate::request::RequestLine;
+use crate::request::{is_grpc, RequestLine};
 use crate::rules::{AttachmentCheck, Effect, Requirement, Rule};
 
 /// The validated, indexed form of a plugin configuration (built by the
@@ -112,6 +112,8 @@ impl<'p> Refusal<'p, '_> {
 pub struct Hold {
     record: u32,
     rule: u32,
+    /// The request is gRPC (its refusal is a gRPC status).
+    grpc: bool,
 }
 
 /// Header changes to make before forwarding an allowed request.
@@ -286,7 +288,13 @@ impl Policy {
             key: r.key,
         };
         match r.key_mode.or(rule_mode).unwrap_or(self.mode) {
-            Mode::Enforce => Decision::Deny(denied),
+            Mode::Enforce => Decision::Deny(Denied {
+                denial: Denial {
+                    grpc: is_grpc(headers),
+                    ..denied.denial
+                },
+                ..denied
+            }),
             Mode::Shadow => {
                 let credential = r.credential.unwrap_or_else(|| r.extractor.every_carrier());
                 Decision::Allow(Allowed {
@@ -415,7 +423,11 @@ impl Policy {
             }
             if let Some(AttachmentCheck { set, attribute }) = &req.attachment {
                 if attribute.needs_body() {
-                    body_check = Some(Hold { record, rule });
+                    body_check = Some(Hold {
+                        record,
+                        rule,
+                        grpc: is_grpc(headers),
+                    });
                 } else {
                     match attribute.read_from_request(headers, line) {
                         AttrValue::Found(value) => check_attached(meta, set, &value)?,
@@ -465,7 +477,10 @@ impl Policy {
         };
         let key = self.keys.at(hold.record);
         let denied = Denied {
-            denial,
+            denial: Denial {
+                grpc: hold.grpc,
+                ..denial
+            },
             key: key.map_or(KeyLabel::None, |k| KeyLabel::Id(k.id())),
         };
         let rule_mode = self.rules.get(hold.rule as usize).and_then(|r| r.mode);

@@ -1,4 +1,5 @@
-//! Local replies: status, headers and JSON body for each denial.
+//! Local replies: status, headers and JSON body for each denial (a gRPC
+//! status and message for a gRPC request).
 //!
 //! [`render`] builds one reply; [`ReplyBook`] holds every reply a policy can
 //! send, encoded once per configuration, so that a denial costs no formatting.
@@ -16,17 +17,22 @@ pub struct Reply {
     pub status: u16,
     /// Response headers.
     pub headers: Vec<(&'static str, String)>,
-    /// JSON body: `{"error": code, "message": sentence}`.
+    /// JSON body: `{"error": code, "message": sentence}`; for gRPC, the
+    /// `grpc-message`: `code: sentence`.
     pub body: String,
+    /// For a gRPC request, the `grpc-status` Envoy sends (with HTTP 200).
+    pub grpc_status: Option<u32>,
 }
 
 /// Renders `denial`. `www_authenticate` is the challenge sent with every 401.
 pub fn render(denial: &Denial, www_authenticate: &str) -> Reply {
     let code = denial.code;
-    let mut headers: Vec<(&'static str, String)> = vec![
-        ("content-type", "application/json".into()),
-        ("cache-control", "no-store".into()),
-    ];
+    let mut headers: Vec<(&'static str, String)> = Vec::with_capacity(5);
+    if !denial.grpc {
+        // Envoy writes a gRPC reply's content type itself.
+        headers.push(("content-type", "application/json".into()));
+    }
+    headers.push(("cache-control", "no-store".into()));
     if code.status() == 401 {
         let challenge = match code {
             DenyCode::MissingApiKey => www_authenticate.to_string(),
@@ -55,8 +61,18 @@ pub fn render(denial: &Denial, www_authenticate: &str) -> Reply {
     Reply {
         status: code.status(),
         headers,
-        body: body(code),
+        body: if denial.grpc {
+            grpc_message(code)
+        } else {
+            body(code)
+        },
+        grpc_status: denial.grpc.then(|| code.grpc_status()),
     }
+}
+
+/// The `grpc-message` for `code`: the code, then the sentence.
+pub fn grpc_message(code: DenyCode) -> String {
+    format!("{}: {}", code.as_str(), code.message())
 }
 
 /// The JSON body for `code`. Codes and messages are fixed strings without
@@ -76,10 +92,12 @@ pub struct EncodedReply {
     pub status: u16,
     /// Envoy's response code details (`%RESPONSE_CODE_DETAILS%`): `keygate_<code>`.
     pub details: String,
-    /// JSON body.
+    /// JSON body (the `grpc-message` for gRPC).
     pub body: String,
     /// Response headers in the proxy-wasm serialization.
     pub headers: Vec<u8>,
+    /// The gRPC status for a gRPC request, -1 otherwise (the host's form).
+    pub grpc_status: i32,
 }
 
 impl EncodedReply {
@@ -96,6 +114,7 @@ impl EncodedReply {
             details: format!("keygate_{}", denial.code.as_str()),
             body: r.body,
             headers: headers::encode(&pairs),
+            grpc_status: r.grpc_status.map_or(-1, |s| s as i32),
         }
     }
 }
@@ -103,30 +122,37 @@ impl EncodedReply {
 /// The three challenge variants a denial can carry (see [`Denial::bearer`]).
 const CHALLENGES: [Option<bool>; 3] = [None, Some(true), Some(false)];
 
+/// What makes a rate reply: its code, figures and protocol (gRPC or not).
+type RateKey = (DenyCode, RateInfo, bool);
+
 /// Every reply of one configuration, encoded at configuration time.
 ///
-/// Replies without rate figures are fixed per code and challenge. A 429
+/// Replies without rate figures are fixed per code, challenge and protocol
+/// (HTTP or gRPC). A 429
 /// carries the bucket's figures, which repeat while one key is over its
 /// limit, so the last one is kept and reused while they stay the same.
 /// Single-threaded by design: one book per Wasm VM.
 #[derive(Debug)]
 pub struct ReplyBook {
     fixed: Vec<Rc<EncodedReply>>,
-    last_rate: RefCell<Option<(DenyCode, RateInfo, Rc<EncodedReply>)>>,
+    last_rate: RefCell<Option<(RateKey, Rc<EncodedReply>)>>,
 }
 
 impl ReplyBook {
     /// Encodes every code with each challenge `challenge(bearer)` gives.
     pub fn new(challenge: impl Fn(Option<bool>) -> String) -> Self {
-        let mut fixed = Vec::with_capacity(DenyCode::ALL.len() * CHALLENGES.len());
-        for bearer in CHALLENGES {
-            let www_authenticate = challenge(bearer);
-            for code in DenyCode::ALL {
-                let denial = Denial {
-                    bearer,
-                    ..Denial::new(code, "")
-                };
-                fixed.push(Rc::new(EncodedReply::of(&denial, &www_authenticate)));
+        let mut fixed = Vec::with_capacity(2 * CHALLENGES.len() * DenyCode::ALL.len());
+        for grpc in [false, true] {
+            for bearer in CHALLENGES {
+                let www_authenticate = challenge(bearer);
+                for code in DenyCode::ALL {
+                    let denial = Denial {
+                        bearer,
+                        grpc,
+                        ..Denial::new(code, "")
+                    };
+                    fixed.push(Rc::new(EncodedReply::of(&denial, &www_authenticate)));
+                }
             }
         }
         ReplyBook {
@@ -138,12 +164,13 @@ impl ReplyBook {
     /// The reply for `denial`: shared when it is fixed, rendered (and kept)
     /// when it carries rate figures not seen last time.
     pub fn reply(&self, denial: &Denial) -> Rc<EncodedReply> {
-        // The order of `CHALLENGES` and of `DenyCode::ALL` (declaration order).
+        // The order of `new`: protocol, `CHALLENGES`, then `DenyCode::ALL`
+        // (declaration order).
         let variant = match denial.bearer {
             None => 0,
             Some(true) => 1,
             Some(false) => 2,
-        };
+        } + usize::from(denial.grpc) * CHALLENGES.len();
         let index = variant * DenyCode::ALL.len() + denial.code as usize;
         let Some(rate) = denial.rate else {
             return match self.fixed.get(index) {
@@ -153,14 +180,15 @@ impl ReplyBook {
             };
         };
         let mut last = self.last_rate.borrow_mut();
-        if let Some((code, seen, reply)) = last.as_ref() {
-            if *code == denial.code && *seen == rate {
+        let key = (denial.code, rate, denial.grpc);
+        if let Some((seen, reply)) = last.as_ref() {
+            if *seen == key {
                 return reply.clone();
             }
         }
         // Rate replies carry no challenge, so any variant's text will do.
         let reply = Rc::new(EncodedReply::of(denial, ""));
-        *last = Some((denial.code, rate, reply.clone()));
+        *last = Some((key, reply.clone()));
         reply
     }
 }
@@ -225,19 +253,63 @@ mod tests {
     }
 
     #[test]
-    fn the_book_gives_what_render_gives_for_every_code_and_challenge() {
+    fn the_book_gives_what_render_gives_for_every_code_challenge_and_protocol() {
         let book = ReplyBook::new(challenge);
-        for bearer in CHALLENGES {
-            for code in DenyCode::ALL {
-                let denial = Denial {
-                    bearer,
-                    ..Denial::new(code, "some reason")
-                };
-                let want = EncodedReply::of(&denial, &challenge(bearer));
-                assert_eq!(*book.reply(&denial), want, "{code:?} {bearer:?}");
-                let map = headers::HeaderMap::decode(&want.headers).unwrap();
-                assert_eq!(map.get(b"content-type"), Some(&b"application/json"[..]));
+        for grpc in [false, true] {
+            for bearer in CHALLENGES {
+                for code in DenyCode::ALL {
+                    let denial = Denial {
+                        bearer,
+                        grpc,
+                        ..Denial::new(code, "some reason")
+                    };
+                    let want = EncodedReply::of(&denial, &challenge(bearer));
+                    assert_eq!(*book.reply(&denial), want, "{code:?} {bearer:?} {grpc}");
+                    let map = headers::HeaderMap::decode(&want.headers).unwrap();
+                    let json = (!grpc).then_some(&b"application/json"[..]);
+                    assert_eq!(map.get(b"content-type"), json);
+                }
             }
+        }
+    }
+
+    #[test]
+    fn grpc_callers_get_a_status_and_the_code_in_the_message() {
+        let grpc = |code| {
+            let d = Denial {
+                grpc: true,
+                ..Denial::new(code, "x")
+            };
+            render(&d, "Bearer realm=\"k\"")
+        };
+        let statuses: Vec<_> = [
+            DenyCode::MissingApiKey,
+            DenyCode::InsufficientScope,
+            DenyCode::RateLimited,
+        ]
+        .map(|c| grpc(c).grpc_status)
+        .into();
+        assert_eq!(statuses, [Some(16), Some(7), Some(8)]);
+        let r = grpc(DenyCode::InsufficientScope);
+        assert!(r.body.starts_with("insufficient_scope: "), "{}", r.body);
+        let mut limited = Denial {
+            grpc: true,
+            ..Denial::new(DenyCode::RateLimited, "bucket empty")
+        };
+        limited.rate = Some(RateInfo {
+            burst: 1,
+            window_secs: 1,
+            remaining: 0,
+            retry_after_secs: 3,
+        });
+        let r = render(&limited, "");
+        assert!(r.headers.contains(&("retry-after", "3".into())));
+        assert_eq!(
+            render(&Denial::new(DenyCode::RateLimited, "x"), "").grpc_status,
+            None
+        );
+        for code in DenyCode::ALL {
+            assert_ne!(code.grpc_status(), 0, "{code:?} is never OK");
         }
     }
 

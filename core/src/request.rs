@@ -37,6 +37,16 @@ impl<'h> RequestLine<'h> {
     }
 }
 
+/// True for a gRPC request, as Envoy tells one (`content-type`
+/// `application/grpc`, or that followed by `+` or `;`): Envoy turns its local
+/// replies into gRPC statuses.
+pub fn is_grpc(headers: &HeaderMap<'_>) -> bool {
+    headers
+        .get(b"content-type")
+        .and_then(|v| v.strip_prefix(b"application/grpc"))
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+}
+
 fn strip_port(authority: &[u8]) -> &[u8] {
     if authority.first() == Some(&b'[') {
         // [v6]:port
@@ -67,6 +77,17 @@ pub(crate) fn line<'a>(pairs: &'a [(&'a str, &'a str)]) -> (HeaderMap<'a>, Reque
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_requests_are_told_as_envoy_tells_them() {
+        let grpc = |ct: &str| is_grpc(&line(&[("content-type", ct)]).0);
+        assert!(grpc("application/grpc"));
+        assert!(grpc("application/grpc+proto"));
+        assert!(grpc("application/grpc;charset=utf-8"));
+        assert!(!grpc("application/grpc-web"));
+        assert!(!grpc("application/json"));
+        assert!(!is_grpc(&line(&[(":path", "/")]).0));
+    }
 
     #[test]
     fn request_line_splits_path_query_and_port() {
