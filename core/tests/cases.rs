@@ -312,10 +312,12 @@ impl CaseFile {
                 bad.push(format!("backend header {name}: {:?}", values(name)));
             }
         }
-        if let Some(path) = exp["backend"]["path"].as_str() {
-            // The filter never rewrites the path: the backend gets the request's.
-            if req.headers[1].1 != path.as_bytes() {
-                bad.push(format!("backend path {path}, but the request's is another"));
+        // The filter never rewrites the request line: the backend gets the request's.
+        for (i, field) in [(0, "method"), (1, "path")] {
+            if let Some(want) = exp["backend"][field].as_str() {
+                if req.headers[i].1 != want.as_bytes() {
+                    bad.push(format!("backend {field} {want}, but the request's is another"));
+                }
             }
         }
         if exp["identity"].is_string()

@@ -130,6 +130,8 @@ def check_forwarded(f: CaseFile, case: dict, req: Request, r: Response, backend,
         assert seen.body == req.body, (where, seen.body[:200])
     if "path" in observed:
         assert seen.path == observed["path"], (where, seen.path)
+    if "method" in observed:
+        assert seen.method == observed["method"], (where, seen.method)
     if exp.get("identity") is not None:
         for name, value in seen.headers:
             for k in f.keys.values():
