@@ -40,6 +40,9 @@ from harness import DENIAL_STATUS, Envoy, Response, check_denial, h2_exchange, w
 FILES = case_table.load_all()
 PROTOCOLS = ("http1", "http2")
 MARK = "x-keygate-case"
+REQUEST_FIELDS = {"method", "path", "host", "headers", "body", "json", "source", "now"}
+EXPECT_FIELDS = {"status", "code", "headers", "message_contains", "log", "identity", "stripped", "backend"}
+BACKEND_FIELDS = {"headers", "body", "path", "method"}
 _OUTCOMES: dict[str, list[str]] = {"keygate": [], "envoy": []}
 _SENT_PATHS: set[str] = set()
 
@@ -88,6 +91,8 @@ def test_file_is_well_formed(f: CaseFile):
         where = f"{f.name}::{c['name']}"
         exp = c["expect"]
         assert set(c) <= {"name", "request", "expect", "only", "why", "e2e"}, where
+        assert set(c.get("request", {})) <= REQUEST_FIELDS, where
+        assert set(exp) <= EXPECT_FIELDS and set(exp.get("backend", {})) <= BACKEND_FIELDS, where
         assert case_table.only(c) in (None, "native", "e2e"), where
         assert (case_table.only(c) is not None) == ("why" in c), f"{where}: only with a reason, why"
         if "code" in exp:
