@@ -45,6 +45,9 @@ EXPECT_FIELDS = {"status", "code", "headers", "message_contains", "log", "identi
 BACKEND_FIELDS = {"headers", "body", "path", "method"}
 _OUTCOMES: dict[str, list[str]] = {"keygate": [], "envoy": []}
 _SENT_PATHS: set[str] = set()
+# Requests each Envoy (by port) answered through keygate: each writes one
+# access-log line, within Envoy's flush interval.
+_ANSWERED: dict[int, int] = {}
 
 
 def rows(protocol: str) -> list[Any]:
@@ -162,6 +165,13 @@ def check_refused(f: CaseFile, case: dict, req: Request, r: Response, backend, t
         assert not backend.started(req.path), f"{where}: backend saw the start of it"
 
 
+def log_lines_for(envoy: Envoy, path: str) -> int:
+    """How many access-log lines `path` has, once every request answered so
+    far is in the log (cases share paths: the next line is then this one's)."""
+    assert wait_until(lambda: len(envoy.access_log_entries()) >= _ANSWERED.get(envoy.port, 0), timeout=5)
+    return len([e for e in envoy.access_log_entries() if e.get("path") == path])
+
+
 def check_log(envoy: Envoy, case: dict, path: str, before: int) -> None:
     if "log" not in case["expect"]:
         return
@@ -172,7 +182,7 @@ def check_log(envoy: Envoy, case: dict, path: str, before: int) -> None:
         return len(entries) > before
 
     assert wait_until(look, timeout=5), f"no new access-log entry for {path}"
-    assert entries[-1]["denial"] == case["expect"]["log"], (case["name"], entries[-1])
+    assert entries[before]["denial"] == case["expect"]["log"], (case["name"], entries[before])
 
 
 def replay(f: CaseFile, case: dict, protocol: str, envoy: Envoy, backend) -> None:
@@ -180,7 +190,7 @@ def replay(f: CaseFile, case: dict, protocol: str, envoy: Envoy, backend) -> Non
     tag = secrets.token_hex(8)
     fresh = req.path not in _SENT_PATHS
     _SENT_PATHS.add(req.path)
-    logged = len([e for e in envoy.access_log_entries() if e.get("path") == req.path]) if "log" in case["expect"] else 0
+    logged = log_lines_for(envoy, req.path) if "log" in case["expect"] else 0
     refuses = protocol in case_table.e2e_options(case).get("envoy_refuses", [])
     r: Optional[Response]
     if protocol == "http1":
@@ -212,6 +222,7 @@ def replay(f: CaseFile, case: dict, protocol: str, envoy: Envoy, backend) -> Non
         check_refused(f, case, req, r, backend, tag, fresh)
     else:
         check_forwarded(f, case, req, r, backend, tag)
+    _ANSWERED[envoy.port] = _ANSWERED.get(envoy.port, 0) + 1
     check_log(envoy, case, req.path, logged)
     _OUTCOMES["keygate"].append(label)
 
