@@ -1,119 +1,405 @@
-//! Replays the shared case table (`tests/cases/auth.json`) against the core,
-//! with an in-memory bucket store. The e2e suite replays the same table in Envoy.
-#![allow(clippy::unwrap_used)]
+//! Replays every case file in `tests/cases/` (one plugin configuration each;
+//! the format is in `tests/cases/README.md`) against the core, with the fake
+//! host of `keygate_core::testing`. The e2e suite replays the same files in
+//! Envoy (`tests/e2e/test_cases.py`).
+#![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use keygate_core::headers::HeaderMap;
-use keygate_core::keys::digest;
-use keygate_core::policy::{Decision, Denied};
+use keygate_core::policy::Decision;
 use keygate_core::testing::FakeHost;
 use keygate_core::{reply, Policy};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
-const TABLE: &str = include_str!("../../tests/cases/auth.json");
+/// One request as the filter would see it.
+struct Request {
+    /// Pseudo-headers first, then the case's headers, names as written.
+    headers: Vec<(Vec<u8>, Vec<u8>)>,
+    body: Vec<u8>,
+    /// Envoy's client address.
+    source: String,
+    /// Wall clock, Unix seconds (the fake host's default when `None`).
+    now: Option<i64>,
+}
 
-/// Replaces `{key:NAME}` / `{sha256:NAME}` and decodes `\xNN`.
+/// What came of it: the reply for a denial, what the backend gets otherwise.
+#[derive(Default)]
+struct Outcome {
+    status: u16,
+    code: Option<String>,
+    /// `code (reason)`, as the access log shows it.
+    log: Option<String>,
+    reply_headers: Vec<(String, String)>,
+    reply_body: String,
+    /// Headers the backend receives (allowed requests), after the edits.
+    forwarded: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The one place this runner calls into keygate-core: compiles `config`,
+/// decides `req` as the filter does (headers, then the held body, then the
+/// header edits or the local reply).
+fn run(config: &[u8], req: &Request) -> Result<Outcome, String> {
+    let policy = Policy::from_json(config).map_err(|e| format!("configuration: {e:?}"))?;
+    let mut host = FakeHost::default().with_ip(&req.source);
+    if let Some(now) = req.now {
+        host = host.with_unix(now);
+    }
+    let pairs = req.headers.iter();
+    let map = HeaderMap::from_pairs(pairs.map(|(n, v)| (&n[..], &v[..])).collect());
+    let denial = match policy.decide(&map, &host) {
+        Decision::Allow(allowed) => match allowed
+            .body_check
+            .map(|hold| policy.decide_body(hold, &req.body, false))
+        {
+            Some(Err(denied)) => denied.denial,
+            _ => {
+                let edits = &allowed.edits;
+                let gone: Vec<&[u8]> = edits.remove.iter().copied().chain(edits.strip()).collect();
+                let mut forwarded: Vec<(Vec<u8>, Vec<u8>)> = map
+                    .iter()
+                    .filter(|(n, _)| !n.starts_with(b":"))
+                    .filter(|(n, _)| !gone.iter().any(|g| g.eq_ignore_ascii_case(n)))
+                    .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                    .collect();
+                if let Some((name, id)) = edits.identity {
+                    forwarded.retain(|(n, _)| !n.eq_ignore_ascii_case(name.as_bytes()));
+                    forwarded.push((name.into(), id.into()));
+                }
+                return Ok(Outcome {
+                    status: 200,
+                    forwarded,
+                    ..Outcome::default()
+                });
+            }
+        },
+        Decision::Deny(denied) => denied.denial,
+    };
+    let r = reply::render(&denial, &policy.challenge(&denial));
+    Ok(Outcome {
+        status: r.status,
+        code: Some(denial.code.as_str().to_string()),
+        log: Some(format!("{} ({})", denial.code.as_str(), denial.reason)),
+        reply_headers: r.headers.into_iter().map(|(n, v)| (n.into(), v)).collect(),
+        reply_body: r.body,
+        forwarded: Vec::new(),
+    })
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `{key:NAME}` replaced by that test key, then `\xNN` by the raw byte.
 fn expand(s: &str, keys: &HashMap<String, String>) -> Vec<u8> {
     let mut text = s.to_string();
     for (name, key) in keys {
         text = text.replace(&format!("{{key:{name}}}"), key);
-        text = text.replace(
-            &format!("{{sha256:{name}}}"),
-            &hex::encode(digest(key.as_bytes())),
-        );
     }
+    assert!(!text.contains("{key:"), "unknown key in {s:?}");
     let b = text.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') && i + 4 <= b.len() {
-            out.push(u8::from_str_radix(&text[i + 2..i + 4], 16).unwrap());
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
+        let hex = text
+            .get(i + 2..i + 4)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(byte) if b[i] == b'\\' && b[i + 1] == b'x' => {
+                out.push(byte);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
         }
     }
     out
 }
 
-#[test]
-fn case_table() {
-    let table: Value = serde_json::from_str(TABLE).unwrap();
-    let keys: HashMap<String, String> = serde_json::from_value(table["keys"].clone()).unwrap();
-    let config = expand(&table["config"].to_string(), &keys);
-    let policy = Policy::from_json(&config).unwrap();
-    let mut failures = Vec::new();
-    for case in table["cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
-        let owned: Vec<(Vec<u8>, Vec<u8>)> = case["headers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                (
-                    expand(p[0].as_str().unwrap(), &keys),
-                    expand(p[1].as_str().unwrap(), &keys),
-                )
-            })
-            .collect();
-        let map = HeaderMap::from_pairs(
-            owned
-                .iter()
-                .map(|(n, v)| (n.as_slice(), v.as_slice()))
-                .collect(),
-        );
-        let host = FakeHost::default();
-        let expect = &case["expect"];
-        let (status, code, identity) = match policy.decide(&map, &host) {
-            Decision::Allow(a) => {
-                let edits = &a.edits;
-                let mut forwarded: Vec<&[u8]> = map.iter().map(|(n, _)| n).collect();
-                let stripped: Vec<&[u8]> = edits.strip().collect();
-                forwarded.retain(|n| !edits.remove.contains(n) && !stripped.contains(n));
-                let (identity_header, identity) = edits.identity.unwrap();
-                forwarded.retain(|n| *n != identity_header.as_bytes());
-                for s in expect["stripped"].as_array().into_iter().flatten() {
-                    let s = s.as_str().unwrap().as_bytes();
-                    if forwarded.iter().any(|n| n.eq_ignore_ascii_case(s)) {
-                        failures.push(format!(
-                            "{name}: {} not stripped",
-                            String::from_utf8_lossy(s)
-                        ));
-                    }
-                }
-                if forwarded
-                    .iter()
-                    .any(|n| n.eq_ignore_ascii_case(b"x_api_key_id"))
-                {
-                    failures.push(format!("{name}: spoofed identity variant kept"));
-                }
-                (200, None, Some(identity.to_string()))
+/// One file of `tests/cases/`.
+struct CaseFile {
+    name: String,
+    doc: Value,
+    keys: HashMap<String, String>,
+    config: Vec<u8>,
+    identity_header: String,
+}
+
+impl CaseFile {
+    fn load(path: &Path) -> CaseFile {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let keys: HashMap<String, String> =
+            serde_json::from_value(doc.get("keys").cloned().unwrap_or(Value::Null))
+                .unwrap_or_default();
+        let config = match (doc["profile"].as_str(), doc.get("config")) {
+            // The profile's bytes, unchanged.
+            (Some(p), None) => {
+                std::fs::read(repo().join(format!("envoy/profiles/{p}.json"))).unwrap()
             }
-            Decision::Deny(Denied { denial: d, .. }) => {
-                let r = reply::render(&d, policy.www_authenticate());
-                let body: Value = serde_json::from_str(&r.body).unwrap();
-                assert_eq!(body["error"], d.code.as_str());
-                (r.status, Some(d.code.as_str().to_string()), None)
+            (None, Some(cfg)) => {
+                let mut text = cfg.to_string();
+                for (n, k) in &keys {
+                    let digest = hex::encode(Sha256::digest(k.as_bytes()));
+                    text = text.replace(&format!("{{sha256:{n}}}"), &digest);
+                }
+                assert!(!text.contains("{sha256:"), "{name}: unknown key");
+                text.into_bytes()
             }
+            _ => panic!("{name}: one of profile or config"),
         };
-        if expect["status"] != status {
-            failures.push(format!(
-                "{name}: status {status}, expected {}",
-                expect["status"]
-            ));
-        }
-        if let Some(c) = expect["code"].as_str() {
-            if code.as_deref() != Some(c) {
-                failures.push(format!("{name}: code {code:?}, expected {c}"));
-            }
-        }
-        if let Some(i) = expect["identity"].as_str() {
-            if identity.as_deref() != Some(i) {
-                failures.push(format!("{name}: identity {identity:?}, expected {i}"));
-            }
+        let parsed: Value = serde_json::from_slice(&config).unwrap();
+        let identity_header = parsed["identity_header"]
+            .as_str()
+            .unwrap_or("x-api-key-id")
+            .to_string();
+        CaseFile {
+            name,
+            doc,
+            keys,
+            config,
+            identity_header,
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    /// The case's request, with the file's `defaults` and the runner's.
+    fn request(&self, case: &Value) -> Request {
+        let mut spec = serde_json::json!({"method": "GET", "path": "/", "host": "localhost", "source": "127.0.0.1"});
+        for layer in [&self.doc["defaults"], &case["request"]] {
+            for (k, v) in layer.as_object().into_iter().flatten() {
+                spec[k] = v.clone();
+            }
+        }
+        let s = |k: &str| spec[k].as_str().unwrap().to_string();
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = [
+            (":method", s("method")),
+            (":path", s("path")),
+            (":authority", s("host")),
+            (":scheme", "http".into()),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.into(), v.into_bytes()))
+        .collect();
+        for pair in spec["headers"].as_array().into_iter().flatten() {
+            let (n, v) = (pair[0].as_str().unwrap(), pair[1].as_str().unwrap());
+            headers.push((n.into(), self.expand(v)));
+        }
+        Request {
+            headers,
+            body: self.body(&spec),
+            source: s("source"),
+            now: spec["now"].as_i64(),
+        }
+    }
+
+    /// `json` is written compactly; `body` is a string or a list of pieces,
+    /// each a string or `[string, count]`.
+    fn body(&self, spec: &Value) -> Vec<u8> {
+        if let Some(json) = spec.get("json") {
+            return self.expand(&json.to_string());
+        }
+        match &spec["body"] {
+            Value::Null => Vec::new(),
+            Value::String(s) => self.expand(s),
+            Value::Array(pieces) => pieces
+                .iter()
+                .flat_map(|p| match p {
+                    Value::String(s) => self.expand(s),
+                    _ => self
+                        .expand(p[0].as_str().unwrap())
+                        .repeat(p[1].as_u64().unwrap() as usize),
+                })
+                .collect(),
+            other => panic!("{}: body {other}", self.name),
+        }
+    }
+
+    fn expand(&self, s: &str) -> Vec<u8> {
+        expand(s, &self.keys)
+    }
+
+    /// Every way `outcome` differs from what `case` expects.
+    fn check(&self, case: &Value, req: &Request, out: &Outcome) -> Vec<String> {
+        let exp = &case["expect"];
+        let mut bad = Vec::new();
+        if exp["status"].as_u64() != Some(u64::from(out.status)) {
+            bad.push(format!("status {}, expected {}", out.status, exp["status"]));
+        }
+        if exp["code"].as_str() != out.code.as_deref() {
+            bad.push(format!("code {:?}, expected {}", out.code, exp["code"]));
+        }
+        if let Some(log) = exp["log"].as_str() {
+            if out.log.as_deref() != Some(log) {
+                bad.push(format!("log {:?}, expected {log:?}", out.log));
+            }
+        }
+        match &out.code {
+            Some(code) => self.check_reply(exp, code, out, &mut bad),
+            None => self.check_forwarded(exp, req, out, &mut bad),
+        }
+        bad
+    }
+
+    /// A denial: its body names `code`, the reply headers asked for, no key in it.
+    fn check_reply(&self, exp: &Value, code: &str, out: &Outcome, bad: &mut Vec<String>) {
+        let body: Value = serde_json::from_str(&out.reply_body).unwrap();
+        if body["error"] != code {
+            bad.push(format!("reply body {body}"));
+        }
+        if let Some(part) = exp["message_contains"].as_str() {
+            if !body["message"].as_str().unwrap_or("").contains(part) {
+                bad.push(format!(
+                    "message {}, expected {part:?} in it",
+                    body["message"]
+                ));
+            }
+        }
+        for (name, want) in exp["headers"].as_object().into_iter().flatten() {
+            let got: Vec<&str> = out
+                .reply_headers
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            let want: Vec<&str> = want.as_str().into_iter().collect();
+            if got != want {
+                bad.push(format!("reply header {name}: {got:?}, expected {want:?}"));
+            }
+        }
+        let reply = format!("{:?}{}", out.reply_headers, out.reply_body);
+        if self.keys.values().any(|k| reply.contains(k.as_str())) {
+            bad.push("a key in the reply".into());
+        }
+    }
+
+    /// What the backend gets. That the body reaches it unchanged
+    /// (`backend.body`) needs no check here: the filter never edits a body.
+    fn check_forwarded(&self, exp: &Value, req: &Request, out: &Outcome, bad: &mut Vec<String>) {
+        let values = |name: &str| -> Vec<&[u8]> {
+            let forwarded = out.forwarded.iter();
+            forwarded
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| &v[..])
+                .collect()
+        };
+        let ident = self.identity_header.as_str();
+        let variant = |n: &[u8]| {
+            let n = String::from_utf8_lossy(n)
+                .to_ascii_lowercase()
+                .replace('_', "-");
+            n == ident
+        };
+        if out
+            .forwarded
+            .iter()
+            .any(|(n, _)| variant(n) && n != ident.as_bytes())
+        {
+            bad.push("a client copy of the identity header is forwarded".into());
+        }
+        if let Some(want) = exp.get("identity") {
+            let want: Vec<&[u8]> = want.as_str().map(str::as_bytes).into_iter().collect();
+            if values(ident) != want {
+                bad.push(format!("identity {:?}, expected {want:?}", values(ident)));
+            }
+        }
+        for name in exp["stripped"].as_array().into_iter().flatten() {
+            if !values(name.as_str().unwrap()).is_empty() {
+                bad.push(format!("{name} not stripped"));
+            }
+        }
+        for (name, want) in exp["backend"]["headers"].as_object().into_iter().flatten() {
+            let want: Vec<Vec<u8>> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| self.expand(v.as_str().unwrap()))
+                .collect();
+            if values(name) != want {
+                bad.push(format!("backend header {name}: {:?}", values(name)));
+            }
+        }
+        // The filter never rewrites the request line: the backend gets the request's.
+        for (i, field) in [(0, "method"), (1, "path")] {
+            if let Some(want) = exp["backend"][field].as_str() {
+                if req.headers[i].1 != want.as_bytes() {
+                    bad.push(format!(
+                        "backend {field} {want}, but the request's is another"
+                    ));
+                }
+            }
+        }
+        if exp["identity"].is_string()
+            && out.forwarded.iter().any(|(_, v)| {
+                self.keys
+                    .values()
+                    .any(|k| v.windows(k.len()).any(|w| w == k.as_bytes()))
+            })
+        {
+            bad.push("a key reaches the backend".into());
+        }
+    }
+}
+
+#[test]
+fn every_case_file() {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(repo().join("tests/cases"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "no case files");
+    let (mut ran, mut skipped, mut failures) = (0, 0, Vec::new());
+    for path in &paths {
+        let file = CaseFile::load(path);
+        let cases = file.doc["cases"].as_array().unwrap();
+        assert!(!cases.is_empty(), "{}: no cases", file.name);
+        for case in cases {
+            let id = format!("{}::{}", file.name, case["name"].as_str().unwrap());
+            if case["only"] == "e2e" {
+                assert!(case["why"].is_string(), "{id}: e2e-only without a reason");
+                skipped += 1;
+                continue;
+            }
+            let known = [
+                "status",
+                "code",
+                "headers",
+                "message_contains",
+                "log",
+                "identity",
+                "stripped",
+                "backend",
+            ];
+            let fields = case["expect"].as_object().unwrap().keys();
+            assert!(
+                fields.into_iter().all(|f| known.contains(&f.as_str())),
+                "{id}: expect"
+            );
+            let req = file.request(case);
+            match run(&file.config, &req) {
+                Ok(out) => failures.extend(
+                    file.check(case, &req, &out)
+                        .into_iter()
+                        .map(|f| format!("{id}: {f}")),
+                ),
+                Err(e) => failures.push(format!("{id}: {e}")),
+            }
+            ran += 1;
+        }
+    }
+    println!(
+        "case files: {} files, {ran} cases run, {skipped} e2e-only",
+        paths.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failing:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

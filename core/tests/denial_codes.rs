@@ -1,4 +1,4 @@
-//! The denial-code table the e2e harness reads (`tests/cases/denial_codes.json`)
+//! The denial-code table the e2e harness reads (`tests/denial_codes.json`)
 //! must equal the core's `DenyCode` table exactly: every code, in `ALL` order,
 //! with its string and status. A new code without a row fails here.
 #![allow(clippy::unwrap_used)]
@@ -6,7 +6,7 @@
 use keygate_core::DenyCode;
 use serde_json::Value;
 
-const TABLE: &str = include_str!("../../tests/cases/denial_codes.json");
+const TABLE: &str = include_str!("../../tests/denial_codes.json");
 
 #[test]
 fn denial_codes_json_equals_the_core_table() {

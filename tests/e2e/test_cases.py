@@ -1,166 +1,251 @@
-"""The shared case table (tests/cases/auth.json), replayed in real Envoy over
-HTTP/1.1 and HTTP/2 -- the same rows the core's unit tests replay
-(core/tests/cases.rs).
+"""Every case file in tests/cases/ (one plugin configuration each), replayed
+in real Envoy over HTTP/1.1 and HTTP/2 -- the same cases the core's unit
+tests replay (core/tests/cases.rs). The format is in tests/cases/README.md;
+test ids are `<file>::<case name>`.
 
-Format: `keys` maps names to plaintext keys; `config` is the plugin
-configuration with `{sha256:NAME}` placeholders; each case has `headers`
-([name, value] pairs, `{key:NAME}` replaced by that key and `\\xNN` by the raw
-byte) and `expect` (`status`, and `code`, `identity`, `stripped`).
+Each configuration gets one Envoy (started on first use, with the file's
+connection-manager settings and an access log). Every request carries a
+marker header, `x-keygate-case`, by which the backend's record of it is
+found, so cases may share paths.
 
 Where Envoy differs from the core, on purpose and explicitly:
 
 - A control character other than tab in a header value never reaches the
   filter: Envoy's HTTP/1 codec answers 400 itself, and over HTTP/2 it ends
-  the connection. For such a row, an Envoy refusal with the backend untouched
-  is accepted instead of the table's 401 (and reported in the summary).
+  the stream or the connection. A case says so with `e2e.envoy_refuses`
+  (the protocols on which Envoy refuses it); on the others it must be
+  decided by keygate as the case says. A control character on a protocol
+  not listed there, with Envoy refusing, fails the case.
 - Envoy trims spaces and tabs around header values before the filter sees
-  them; no row depends on it today, and a row that did would be flagged by
-  the check below rather than silently passing.
+  them over HTTP/1.1 (not HTTP/2). keygate trims them around a credential
+  too, so such a value is allowed in a credential header only; elsewhere
+  the well-formedness check flags it.
+- Envoy's client address is the connection's (127.0.0.1), and its clock is
+  the wall clock: cases with another `source` or a fixed `now` are
+  native-only.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pytest
 
+import case_table
+from case_table import CaseFile, Request
 from conftest import report
-from harness import REPO_ROOT, Envoy, Response, check_denial, h2_exchange, sha256_hex
+from harness import DENIAL_STATUS, Envoy, Response, check_denial, h2_exchange, wait_until
 
-TABLE = json.loads((REPO_ROOT / "tests" / "cases" / "auth.json").read_text())
-KEYS: dict[str, str] = TABLE["keys"]
-CASES: list[dict] = TABLE["cases"]
-IDENTITY = TABLE["config"].get("identity_header", "x-api-key-id")
-
-CONTROL = {b for b in range(0x20) if b != 0x09} | {0x7F}
+FILES = case_table.load_all()
+PROTOCOLS = ("http1", "http2")
+MARK = "x-keygate-case"
+REQUEST_FIELDS = {"method", "path", "host", "headers", "body", "json", "source", "now"}
+EXPECT_FIELDS = {"status", "code", "headers", "message_contains", "log", "identity", "stripped", "backend"}
+BACKEND_FIELDS = {"headers", "body", "path", "method"}
 _OUTCOMES: dict[str, list[str]] = {"keygate": [], "envoy": []}
+_SENT_PATHS: set[str] = set()
+# Requests each Envoy (by port) answered through keygate: each writes one
+# access-log line, within Envoy's flush interval.
+_ANSWERED: dict[int, int] = {}
 
 
-def render_config() -> str:
-    text = json.dumps(TABLE["config"])
-
-    def sub(m: re.Match) -> str:
-        return sha256_hex(KEYS[m.group(1)])
-
-    text, _ = re.subn(r"\{sha256:([A-Za-z0-9_-]+)\}", sub, text)
-    assert "{sha256:" not in text
-    return text
-
-
-def header_bytes(value: str) -> bytes:
-    """`{key:NAME}` replaced, then `\\xNN` turned into raw bytes."""
-    value = re.sub(r"\{key:([A-Za-z0-9_-]+)\}", lambda m: KEYS[m.group(1)], value)
-    out = bytearray()
-    i = 0
-    while i < len(value):
-        if value.startswith("\\x", i) and re.fullmatch(r"[0-9a-fA-F]{2}", value[i + 2 : i + 4]):
-            out.append(int(value[i + 2 : i + 4], 16))
-            i += 4
-        else:
-            out += value[i].encode("utf-8")
-            i += 1
-    return bytes(out)
+def rows(protocol: str) -> list[Any]:
+    out = []
+    for f in FILES:
+        for c in f.cases:
+            marks = []
+            if case_table.only(c) == "native":
+                marks.append(pytest.mark.skip(reason=f"native-only: {c['why']}"))
+            elif protocol not in case_table.e2e_options(c).get("protocols", PROTOCOLS):
+                marks.append(pytest.mark.skip(reason=f"{protocol} not replayed: {case_table.e2e_options(c)['why']}"))
+            elif f.profile:
+                # A profile's cases count in conftest's per-profile summary.
+                marks.append(pytest.mark.profile(f.profile, c["name"]))
+            out.append(pytest.param(f, c, id=f"{f.name}::{c['name']}", marks=marks))
+    return out
 
 
-def request_headers(case: dict) -> list[tuple[str, bytes]]:
-    return [(n, header_bytes(v)) for n, v in case["headers"]]
-
-
-def has_control(headers: list[tuple[str, bytes]]) -> bool:
-    return any(b in CONTROL for _, v in headers for b in v)
-
-
-def has_surrounding_ows(headers: list[tuple[str, bytes]]) -> bool:
-    return any(v[:1] in (b" ", b"\t") or v[-1:] in (b" ", b"\t") for _, v in headers if v)
+def has_surrounding_ows(value: bytes) -> bool:
+    return value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t")
 
 
 @pytest.fixture(scope="module")
-def table_envoy(envoy_factory) -> Envoy:
-    return envoy_factory(render_config())
+def envoy_for(envoy_factory) -> Callable[[CaseFile], Envoy]:
+    started: dict[str, Envoy] = {}
+
+    def get(f: CaseFile) -> Envoy:
+        if f.name not in started:
+            started[f.name] = envoy_factory(f.config_text(), hcm_extra=f.hcm(), access_log=True)
+        return started[f.name]
+
+    get.started = started  # type: ignore[attr-defined]
+    return get
 
 
-def test_table_is_well_formed():
-    assert CASES, "empty case table"
-    names = [c["name"] for c in CASES]
-    assert len(names) == len(set(names)), "duplicate case names"
-    for c in CASES:
+@pytest.mark.parametrize("f", FILES, ids=[f.name for f in FILES])
+def test_file_is_well_formed(f: CaseFile):
+    assert f.cases, f"{f.name}: no cases"
+    assert ("profile" in f.doc) != ("config" in f.doc), f"{f.name}: one of profile or config"
+    names = [c["name"] for c in f.cases]
+    assert len(names) == len(set(names)), f"{f.name}: duplicate case names"
+    carriers = f.credential_headers()
+    for c in f.cases:
+        where = f"{f.name}::{c['name']}"
         exp = c["expect"]
-        assert exp["status"] in (200, 401), c
-        assert (exp["status"] == 200) == ("code" not in exp), c
-        # Rows Envoy would alter before the filter must be handled explicitly here.
-        assert not has_surrounding_ows(request_headers(c)), f"{c['name']}: Envoy trims this value; adapt the check"
+        assert set(c) <= {"name", "request", "expect", "only", "why", "e2e"}, where
+        assert set(c.get("request", {})) <= REQUEST_FIELDS, where
+        assert set(exp) <= EXPECT_FIELDS and set(exp.get("backend", {})) <= BACKEND_FIELDS, where
+        assert case_table.only(c) in (None, "native", "e2e"), where
+        assert (case_table.only(c) is not None) == ("why" in c), f"{where}: only with a reason, why"
+        if "code" in exp:
+            assert exp["status"] == DENIAL_STATUS[exp["code"]], where
+        else:
+            assert exp["status"] == 200 and not exp.get("headers"), where
+        req = f.request(c)
+        if req.source != "127.0.0.1" or req.now is not None:
+            assert case_table.only(c) == "native", f"{where}: Envoy's client address and clock cannot be set"
+        for name, value in req.headers:
+            # Rows Envoy would alter before the filter must be handled explicitly here.
+            assert name.lower() in carriers or not has_surrounding_ows(value), f"{where}: Envoy trims {name}"
+        opts = case_table.e2e_options(c)
+        assert set(opts) <= {"protocols", "envoy_refuses", "why"}, where
+        assert ("protocols" in opts) == ("why" in opts), f"{where}: protocols with a reason, why"
+        assert set(opts.get("protocols", PROTOCOLS)) <= set(PROTOCOLS), where
+        assert set(opts.get("envoy_refuses", [])) <= set(PROTOCOLS), where
 
 
-def check_row(case: dict, r: Response, backend, path: str, headers: list[tuple[str, bytes]]) -> None:
+def identity_header(f: CaseFile) -> str:
+    return f.config().get("identity_header", "x-api-key-id")
+
+
+def check_forwarded(f: CaseFile, case: dict, req: Request, r: Response, backend, tag: str) -> None:
     exp = case["expect"]
-    secrets_ = [v for v in KEYS.values()]
-    if exp["status"] == 200:
-        assert r.status == 200, (case["name"], r)
-        seen = backend.only(path)
-        assert seen.values(IDENTITY) == [exp["identity"].encode()], (case["name"], seen.headers)
-        for name in exp.get("stripped", []):
-            assert seen.values(name) == [], (case["name"], name, seen.headers)
+    where = f"{f.name}::{case['name']}"
+    assert r.status == 200, (where, r)
+    seen_all = [x for x in backend.requests if x.value(MARK) == tag.encode()]
+    assert len(seen_all) == 1, (where, len(seen_all))
+    seen = seen_all[0]
+    ident = identity_header(f)
+    variants = [n for n, _ in seen.headers if n.replace("_", "-") == ident and n != ident]
+    assert not variants, (where, "client copies of the identity header reached the backend", seen.headers)
+    if "identity" in exp:
+        want = [] if exp["identity"] is None else [exp["identity"].encode()]
+        assert seen.values(ident) == want, (where, seen.headers)
+    for name in exp.get("stripped", []):
+        assert seen.values(name) == [], (where, name, seen.headers)
+    observed = exp.get("backend", {})
+    for name, values in observed.get("headers", {}).items():
+        assert seen.values(name) == [case_table.expand(v, f.keys) for v in values], (where, name, seen.headers)
+    if observed.get("body"):
+        assert seen.body == req.body, (where, seen.body[:200])
+    if "path" in observed:
+        assert seen.path == observed["path"], (where, seen.path)
+    if "method" in observed:
+        assert seen.method == observed["method"], (where, seen.method)
+    if exp.get("identity") is not None:
         for name, value in seen.headers:
-            for k in secrets_:
-                assert k.encode() not in value, f"{case['name']}: key reached the backend in {name}"
-    else:
-        check_denial(r, exp["code"], secrets_=[v for _, v in headers if len(v) >= 8])
-        assert not backend.saw(path), case["name"]
+            for k in f.keys.values():
+                assert k.encode() not in value, f"{where}: key reached the backend in {name}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_case_http1(table_envoy, backend, case):
-    headers = request_headers(case)
-    path = f"/cases/h1/{secrets.token_hex(6)}"
-    if has_control(headers):
-        # Envoy's HTTP/1 codec refuses the request before any filter runs.
+def check_refused(f: CaseFile, case: dict, req: Request, r: Response, backend, tag: str, fresh: bool) -> None:
+    exp = case["expect"]
+    where = f"{f.name}::{case['name']}"
+    carriers = f.credential_headers()
+    leaks = list(f.keys.values()) + [v for n, v in req.headers if n.lower() in carriers and len(v) >= 8]
+    body = check_denial(r, exp["code"], secrets_=leaks)
+    assert r.status == exp["status"], (where, r)
+    for name, value in exp.get("headers", {}).items():
+        assert r.header_all(name) == ([] if value is None else [value]), (where, name, r)
+    if "message_contains" in exp:
+        assert exp["message_contains"] in body["message"], (where, body)
+    assert not [x for x in backend.requests if x.value(MARK) == tag.encode()], f"{where}: backend saw it"
+    if fresh:
+        assert not backend.started(req.path), f"{where}: backend saw the start of it"
+
+
+def log_lines_for(envoy: Envoy, path: str) -> int:
+    """How many access-log lines `path` has, once every request answered so
+    far is in the log (cases share paths: the next line is then this one's)."""
+    assert wait_until(lambda: len(envoy.access_log_entries()) >= _ANSWERED.get(envoy.port, 0), timeout=5)
+    return len([e for e in envoy.access_log_entries() if e.get("path") == path])
+
+
+def check_log(envoy: Envoy, case: dict, path: str, before: int) -> None:
+    if "log" not in case["expect"]:
+        return
+    entries: list[dict] = []
+
+    def look() -> bool:
+        entries[:] = [e for e in envoy.access_log_entries() if e.get("path") == path]
+        return len(entries) > before
+
+    assert wait_until(look, timeout=5), f"no new access-log entry for {path}"
+    assert entries[before]["denial"] == case["expect"]["log"], (case["name"], entries[before])
+
+
+def replay(f: CaseFile, case: dict, protocol: str, envoy: Envoy, backend) -> None:
+    req = f.request(case)
+    tag = secrets.token_hex(8)
+    fresh = req.path not in _SENT_PATHS
+    _SENT_PATHS.add(req.path)
+    logged = log_lines_for(envoy, req.path) if "log" in case["expect"] else 0
+    refuses = protocol in case_table.e2e_options(case).get("envoy_refuses", [])
+    r: Optional[Response]
+    if protocol == "http1":
         try:
-            r = table_envoy.request("GET", path, headers)
+            r = envoy.request(req.method, req.path, req.headers + [(MARK, tag)], req.body, host=req.host)
         except ConnectionError:
             r = None
-        if r is not None and r.status == 401:
-            check_row(case, r, backend, path, headers)  # the filter saw it after all: must match the table
-            _OUTCOMES["keygate"].append(f"h1:{case['name']}")
+    else:
+        # HTTP/2 header names are lowercase on the wire (an uppercase name is a
+        # protocol error), which is what every HTTP/2 client sends.
+        headers = [(n.lower(), v) for n, v in req.headers] + [(MARK, tag)]
+        res = h2_exchange(envoy.port, req.method, req.path, headers, [req.body] if req.body else (),
+                          authority=req.host)
+        r = None if res.status is None else res.response()
+    label = f"{protocol}:{f.name}::{case['name']}"
+    if refuses:
+        # Envoy's codec refuses the request before any filter runs: HTTP/1 with
+        # its own 400 (no challenge), HTTP/2 by resetting the stream.
+        if protocol == "http1":
+            assert r is not None and r.status == 400 and r.header("www-authenticate") is None, (label, r)
         else:
-            assert r is None or (r.status == 400 and r.header("www-authenticate") is None), r
-            assert case["expect"]["status"] != 200, "Envoy refused a row the table allows"
-            _OUTCOMES["envoy"].append(f"h1:{case['name']}")
-        assert not backend.started(path)
+            assert r is None, (label, r)
+        assert not [x for x in backend.requests if x.value(MARK) == tag.encode()], label
+        assert not fresh or not backend.started(req.path), label
+        _OUTCOMES["envoy"].append(label)
         return
-    r = table_envoy.request("GET", path, headers)
-    check_row(case, r, backend, path, headers)
-    _OUTCOMES["keygate"].append(f"h1:{case['name']}")
+    assert r is not None, f"{label}: no response (declare e2e.envoy_refuses if Envoy refuses it)"
+    if "code" in case["expect"]:
+        check_refused(f, case, req, r, backend, tag, fresh)
+    else:
+        check_forwarded(f, case, req, r, backend, tag)
+    _ANSWERED[envoy.port] = _ANSWERED.get(envoy.port, 0) + 1
+    check_log(envoy, case, req.path, logged)
+    _OUTCOMES["keygate"].append(label)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_case_http2(table_envoy, backend, case):
-    # HTTP/2 header names are lowercase on the wire (an uppercase name is a
-    # protocol error), which is what every HTTP/2 client sends.
-    headers = [(n.lower(), v) for n, v in request_headers(case)]
-    path = f"/cases/h2/{secrets.token_hex(6)}"
-    res = h2_exchange(table_envoy.port, "GET", path, headers)
-    if has_control(headers):
-        if res.status == 401:
-            check_row(case, res.response(), backend, path, headers)
-            _OUTCOMES["keygate"].append(f"h2:{case['name']}")
-        else:
-            # Envoy's HTTP/2 codec treats the value as a protocol error.
-            assert res.status in (None, 400), res
-            _OUTCOMES["envoy"].append(f"h2:{case['name']}")
-        assert not backend.started(path)
-        return
-    check_row(case, res.response(), backend, path, headers)
-    _OUTCOMES["keygate"].append(f"h2:{case['name']}")
+@pytest.mark.parametrize("f,case", rows("http1"))
+def test_case_http1(envoy_for, backend, f: CaseFile, case: dict):
+    replay(f, case, "http1", envoy_for(f), backend)
 
 
-def test_zz_summary(table_envoy):
+@pytest.mark.parametrize("f,case", rows("http2"))
+def test_case_http2(envoy_for, backend, f: CaseFile, case: dict):
+    replay(f, case, "http2", envoy_for(f), backend)
+
+
+def test_zz_summary(envoy_for):
+    total = sum(len(f.cases) for f in FILES)
     n = len(_OUTCOMES["keygate"]) + len(_OUTCOMES["envoy"])
-    line = f"case table: {len(CASES)} rows x HTTP/1.1 + HTTP/2 = {n} replays; {len(_OUTCOMES['keygate'])} decided by keygate as the table says"
+    line = (f"case files: {len(FILES)} files, {total} cases; {n} replays over HTTP/1.1 + HTTP/2, "
+            f"{len(_OUTCOMES['keygate'])} decided by keygate as the case says")
     if _OUTCOMES["envoy"]:
-        line += f"; refused by Envoy's codec before the filter: {', '.join(_OUTCOMES['envoy'])}"
+        line += f"; refused by Envoy's codec before the filter, as declared: {', '.join(_OUTCOMES['envoy'])}"
     report(line)
-    stats: dict[str, Any] = table_envoy.stats()
-    assert not {k: v for k, v in stats.items() if k.startswith("wasm.keygate.vm_reload") and v != "0"}
+    for envoy in envoy_for.started.values():
+        stats: dict[str, Any] = envoy.stats()
+        assert not {k: v for k, v in stats.items() if k.startswith("wasm.keygate.vm_reload") and v != "0"}
+        assert "panicked" not in envoy.log_text()

@@ -10,7 +10,7 @@ from .paths import REPO_ROOT
 from .wire import to_bytes
 
 # The table core/tests/denial_codes.rs checks against the core's `DenyCode`.
-DENIAL_CODES_PATH = REPO_ROOT / "tests" / "cases" / "denial_codes.json"
+DENIAL_CODES_PATH = REPO_ROOT / "tests" / "denial_codes.json"
 
 
 def load_denial_status() -> dict[str, int]:
