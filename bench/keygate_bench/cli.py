@@ -17,7 +17,7 @@ from typing import Any, Optional
 import harness
 
 from .children import UPSTREAM_CORE, stop_all_children
-from .configs import NO_AUTH, key_list, keygate_config, native_filters, upstream_bootstrap, wasm_filter
+from .configs import NO_AUTH, SHADOW, key_list, keygate_config, native_filters, upstream_bootstrap, wasm_filter
 from .envoys import Envoy, http_status, new_envoy, shared_envoy, stop_envoys
 from .measure import Bench, Cell, Settings
 from .probes import host_call_costs, startup_probes
@@ -102,6 +102,7 @@ class Keys:
     entries: list[dict]  # the allowed and the limited key's records
     kg10: str  # keygate configuration with 10 keys
     kg100k: str  # and with 100,000
+    kg10_shadow: str  # 10 keys in shadow mode
     native: list[tuple[str, str]]  # (id, key) for the native filter
 
     @classmethod
@@ -117,6 +118,7 @@ class Keys:
             entries=entries,
             kg10=keygate_config(key_list(10, entries)),
             kg100k=keygate_config(key_list(100_000, entries)),
+            kg10_shadow=keygate_config(key_list(10, entries), mode="shadow"),
             native=[("bench-allowed", allowed)] + [(f"k{i}", harness.new_key()) for i in range(8)],
         )
 
@@ -136,6 +138,7 @@ def config_defs(inputs: Inputs, keys: Keys, latency_only: bool) -> list[tuple[st
         ("keygate-10", [wasm_filter("keygate", "keygate", inputs.keygate_wasm, keys.kg10)], 1),
         ("keygate-100k", [wasm_filter("keygate-100k", "keygate", inputs.keygate_wasm, keys.kg100k)], 1),
         ("keygate-10-c2", [wasm_filter("keygate", "keygate", inputs.keygate_wasm, keys.kg10)], 2),
+        ("keygate-10-shadow", [wasm_filter("keygate-shadow", "keygate", inputs.keygate_wasm, keys.kg10_shadow)], 1),
     ]
     if latency_only:
         # One connection sees every configuration's latency through the
@@ -242,21 +245,23 @@ class Run:
 
     def check(self, name: str, e: Envoy) -> list[str]:
         """Whether `name` answers as benchmarked: a valid key 200 on both
-        routes, no key 401 (200 without auth), the limited key 200 then 429."""
+        routes, no key 401 (200 without auth), the limited key 200 then 429
+        (in shadow mode, 200: refused in the report, forwarded)."""
         problems = []
         auth = name not in NO_AUTH
+        refused = (200, 200) if name in SHADOW else (401, 429)
         for route in ("direct", "proxy"):
             got = http_status(e.port, f"/{route}", self.keys.allowed)
             if got != 200:
                 problems.append(f"{name} /{route} with a valid key: {got}, expected 200")
         got = http_status(e.port, "/direct", None)
-        if got != (401 if auth else 200):
-            problems.append(f"{name}: no key gave {got}, expected {401 if auth else 200}")
+        if got != (refused[0] if auth else 200):
+            problems.append(f"{name}: no key gave {got}, expected {refused[0] if auth else 200}")
         if auth:
             first = http_status(e.port, "/direct", self.keys.limited)
             second = http_status(e.port, "/direct", self.keys.limited)
-            if (first, second) != (200, 429):
-                problems.append(f"{name}: limited key gave {first} then {second}, expected 200 then 429")
+            if (first, second) != (200, refused[1]):
+                problems.append(f"{name}: limited key gave {first} then {second}, expected 200 then {refused[1]}")
         return problems
 
     def restart_envoys(self) -> list[str]:
@@ -298,7 +303,7 @@ class Run:
         self.defs = config_defs(i, self.keys, self.args.latency_only)
         if self.start_envoys(report=True):
             return 2
-        print("  checks: valid key 200, no key 401, limited key 200 then 429 (auth configs) - ok", flush=True)
+        print("  checks: valid key 200, no key 401, limited key 200 then 429 (auth configs; 200 in shadow) - ok", flush=True)
         bench = self.measure()
         if bench is None:
             return 2

@@ -16,6 +16,9 @@ import harness
 
 # Configurations without an auth filter: measured on the allowed path only.
 NO_AUTH = ("baseline", "empty-wasm", "empty-trimmed")
+# keygate in shadow mode: its "401" and "429" requests are the shadow path,
+# decided and reported as refusals, then forwarded (200).
+SHADOW = ("keygate-10-shadow",)
 
 
 def _ok(prefix: str) -> dict:
@@ -32,9 +35,10 @@ def key_list(n: int, extra: list[dict]) -> list[dict]:
     return out
 
 
-def keygate_config(keys: list[dict]) -> str:
-    """keygate's plugin configuration for `keys`, with a default limit too large to reach."""
-    return json.dumps({"keys": keys, "rate_limit": {"requests_per_second": 1000000, "burst": 1000000}}, separators=(",", ":"))
+def keygate_config(keys: list[dict], mode: str = "enforce") -> str:
+    """keygate's plugin configuration for `keys` in `mode`, with a default limit too large to reach."""
+    cfg = {"keys": keys, "rate_limit": {"requests_per_second": 1000000, "burst": 1000000}, "mode": mode}
+    return json.dumps(cfg, separators=(",", ":"))
 
 
 def wasm_filter(name: str, root_id: str, wasm: Path, configuration: str) -> dict:

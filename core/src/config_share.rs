@@ -12,9 +12,8 @@
 //! for long, and two keygate filters in one VM keep theirs.
 //!
 //! The id is a 128-bit SipHash-1-3 of the configuration, keyed with a random
-//! secret that the first VM draws and keeps in shared data. Keyed, it is
-//! about ten times faster than SHA-256 in V8 (25 against 280 ms for 94 MB),
-//! and nobody who writes configurations can make two of them share an id
+//! secret that the first VM draws and keeps in shared data. It is much
+//! faster than SHA-256 in V8 (measured in bench/README.md), and nobody who writes configurations can make two of them share an id
 //! without knowing the secret, which only keygate's own code can read.
 
 use std::hash::Hasher as _;

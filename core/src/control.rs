@@ -127,7 +127,7 @@ impl ControlPlane {
 
 /// `"250ms"`, `"1s"`, `"1.5s"`, `"5m"`, `"1h"` → milliseconds, rounded half
 /// up. Parsed in integers: nothing else in the module needs float parsing,
-/// whose tables and code would add about 15 KB to it.
+/// whose tables and code would grow it.
 pub fn parse_duration_ms(s: &str) -> Option<u64> {
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
     let (num, unit) = s.split_at(split);

@@ -1,7 +1,7 @@
 //! The decision: a compiled [`Policy`] applied to one request's headers
 //! (and, when a rule reads it, its body).
 
-use crate::attribute::{read_json_body, AttrValue, Attribute, BodyValue, MAX_BODY_DEPTH};
+use crate::attribute::AttrValue;
 use crate::config::{DefaultAction, Mode, StalePolicy};
 use crate::control::ControlPlane;
 use crate::credential::{Credential, Extractor};
@@ -11,9 +11,12 @@ use crate::headers::{same_header, HeaderMap};
 use crate::host::Host;
 use crate::keylist::CompiledKeyList;
 use crate::keys::{KeyMeta, KeyRef, KeySet};
-use crate::ratelimit::{self, BlockedBuckets, BucketName, Limit, Outcome, TakeError};
+use crate::ratelimit::{self, BlockedBuckets, BucketName, Limit};
 use crate::request::{is_grpc, RequestLine};
 use crate::rules::{AttachmentCheck, Effect, Requirement, Rule};
+
+mod body;
+mod limit;
 
 /// The validated, indexed form of a plugin configuration (built by the
 /// `compile` module).
@@ -460,93 +463,6 @@ impl Policy {
         Ok((rate, body_check))
     }
 
-    /// Finishes a held request: reads the attachment value from the buffered
-    /// JSON body and checks it against the key. `truncated` means the body
-    /// went over `max_body_bytes`.
-    ///
-    /// `Ok(None)`: forward it. `Ok(Some(_))`: forward it, reporting the
-    /// refusal that shadow mode holds back. `Err(_)`: refuse it.
-    pub fn decide_body(
-        &self,
-        hold: Hold,
-        body: &[u8],
-        truncated: bool,
-    ) -> Result<Option<Denied<'_>>, Denied<'_>> {
-        let Err(denial) = self.check_body(hold, body, truncated) else {
-            return Ok(None);
-        };
-        let key = self.keys.at(hold.record);
-        let denied = Denied {
-            denial: Denial {
-                grpc: hold.grpc,
-                ..denial
-            },
-            key: key.map_or(KeyLabel::None, |k| KeyLabel::Id(k.id())),
-        };
-        let rule_mode = self.rules.get(hold.rule as usize).and_then(|r| r.mode);
-        match key
-            .and_then(|k| k.meta().mode)
-            .or(rule_mode)
-            .unwrap_or(self.mode)
-        {
-            Mode::Enforce => Err(denied),
-            Mode::Shadow => Ok(Some(denied)),
-        }
-    }
-
-    fn check_body(&self, hold: Hold, body: &[u8], truncated: bool) -> Result<(), Denial> {
-        let key = self.keys.at(hold.record);
-        let check = self
-            .rules
-            .get(hold.rule as usize)
-            .and_then(|r| match &r.effect {
-                Effect::Require(req) => req.attachment.as_ref(),
-                _ => None,
-            });
-        let (
-            Some(key),
-            Some(AttachmentCheck {
-                set,
-                attribute: Attribute::JsonBody(pointer),
-            }),
-        ) = (key, check)
-        else {
-            return Err(Denial::new(
-                DenyCode::NotAttached,
-                "held request lost its rule",
-            ));
-        };
-        if truncated || body.len() > self.max_body_bytes {
-            return Err(Denial::new(
-                DenyCode::BodyTooLarge,
-                "body over max_body_bytes",
-            ));
-        }
-        match read_json_body(body, pointer) {
-            BodyValue::Found(v) => check_attached(key.meta(), set, &v),
-            BodyValue::NotJson => Err(Denial::new(
-                DenyCode::InvalidJsonBody,
-                "request body is not JSON",
-            )),
-            BodyValue::TooDeep => {
-                // The reason and the reply's message name the limit.
-                const _: () = assert!(MAX_BODY_DEPTH == 127);
-                Err(Denial::new(
-                    DenyCode::InvalidJsonBody,
-                    "request body nests deeper than 127 levels",
-                ))
-            }
-            BodyValue::Missing => Err(Denial::new(
-                DenyCode::MissingAttribute,
-                "attachment field absent from body",
-            )),
-            BodyValue::Duplicate => Err(Denial::new(
-                DenyCode::AmbiguousAttribute,
-                "a field repeated in the JSON body, or the field beside a copy differing in case",
-            )),
-        }
-    }
-
     /// The header edits for an allowed request: strip the credential (if
     /// configured) and every client copy of the identity header, including
     /// case and underscore variants, then set the identity of `key` (none on
@@ -589,50 +505,5 @@ fn check_attached(meta: &KeyMeta, set: &str, value: &str) -> Result<(), Denial> 
     }
 }
 
-impl Policy {
-    /// Takes a token from the bucket of `id` under `rule`: refused from
-    /// [`BlockedBuckets`] when this VM already found it blocked, else
-    /// read and written in shared data.
-    fn take(
-        &self,
-        host: &dyn Host,
-        rule: &str,
-        id: &str,
-        limit: &Limit,
-    ) -> Result<Option<RateInfo>, Denial> {
-        let closed = |reason| Denial {
-            rate: Some(RateInfo {
-                burst: limit.burst,
-                window_secs: limit.window_secs(),
-                remaining: 0,
-                retry_after_secs: 1,
-            }),
-            ..Denial::new(DenyCode::RateLimited, reason)
-        };
-        let bucket =
-            BucketName::new(&self.bucket_scope, rule, id).ok_or(closed("bucket name too long"))?;
-        let now = host
-            .monotonic_ns()
-            .ok_or(closed("monotonic clock unavailable (failing closed)"))?;
-        let refused = |o: Outcome| Denial {
-            rate: Some(o.info),
-            ..Denial::new(DenyCode::RateLimited, "bucket empty")
-        };
-        if let Some(o) = self.blocked.refusal(bucket.as_str(), limit, now) {
-            return Err(refused(o));
-        }
-        match ratelimit::take_shared(host.counters(), bucket.as_str(), limit, now) {
-            Ok(o) if o.allowed => Ok(Some(o.info)),
-            Ok(o) => {
-                self.blocked.record(bucket.as_str(), limit, now, &o);
-                Err(refused(o))
-            }
-            Err(TakeError::Contention) => Err(closed("bucket update contention (failing closed)")),
-            Err(TakeError::Store) => Err(closed("bucket store error (failing closed)")),
-        }
-    }
-}
-
 #[cfg(test)]
-#[path = "policy_tests.rs"]
 mod tests;
