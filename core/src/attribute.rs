@@ -204,25 +204,45 @@ fn follow<'v>(
 /// stack.
 pub const MAX_BODY_DEPTH: usize = 127;
 
+/// A request body parsed once, for every JSON-body check of a rule.
+pub struct JsonBody(serde_json::Value);
+
+impl JsonBody {
+    /// Parses `body`, refusing a repeated field (any depth) and nesting
+    /// past [`MAX_BODY_DEPTH`]; the error is the [`BodyValue`] that says why.
+    pub fn parse(body: &[u8]) -> Result<JsonBody, BodyValue> {
+        match serde_json::from_slice::<UniqueFields>(body) {
+            Ok(UniqueFields(doc)) => Ok(JsonBody(doc)),
+            // The visitor's only error is a repeated field; the rest is syntax,
+            // or nesting past the parser's depth limit (which serde_json files
+            // under syntax and names only in its message).
+            Err(e) if e.classify() == serde_json::error::Category::Data => {
+                Err(BodyValue::Duplicate)
+            }
+            Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+                Err(BodyValue::TooDeep)
+            }
+            Err(_) => Err(BodyValue::NotJson),
+        }
+    }
+
+    /// The value at `pointer`.
+    pub fn value_at(&self, pointer: &JsonPointer) -> BodyValue {
+        match follow(&self.0, pointer) {
+            Ok(Some(serde_json::Value::String(s))) => BodyValue::Found(s.clone()),
+            Ok(Some(serde_json::Value::Number(n))) => BodyValue::Found(number_text(n)),
+            Ok(Some(serde_json::Value::Bool(b))) => BodyValue::Found(b.to_string()),
+            Ok(_) => BodyValue::Missing,
+            Err(()) => BodyValue::Duplicate,
+        }
+    }
+}
+
 /// Extracts `pointer` from a JSON body (an empty body is not JSON).
 pub fn read_json_body(body: &[u8], pointer: &JsonPointer) -> BodyValue {
-    let doc = match serde_json::from_slice::<UniqueFields>(body) {
-        Ok(UniqueFields(doc)) => doc,
-        // The visitor's only error is a repeated field; the rest is syntax,
-        // or nesting past the parser's depth limit (which serde_json files
-        // under syntax and names only in its message).
-        Err(e) if e.classify() == serde_json::error::Category::Data => return BodyValue::Duplicate,
-        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
-            return BodyValue::TooDeep
-        }
-        Err(_) => return BodyValue::NotJson,
-    };
-    match follow(&doc, pointer) {
-        Ok(Some(serde_json::Value::String(s))) => BodyValue::Found(s.clone()),
-        Ok(Some(serde_json::Value::Number(n))) => BodyValue::Found(number_text(n)),
-        Ok(Some(serde_json::Value::Bool(b))) => BodyValue::Found(b.to_string()),
-        Ok(_) => BodyValue::Missing,
-        Err(()) => BodyValue::Duplicate,
+    match JsonBody::parse(body) {
+        Ok(doc) => doc.value_at(pointer),
+        Err(why) => why,
     }
 }
 

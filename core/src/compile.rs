@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::attribute::Attribute;
-use crate::config::{Config, RuleAction, RuleConfig, SourceConfig};
+use crate::config::{AttachmentConfig, Config, RuleAction, RuleConfig, SourceConfig};
 use crate::control::ControlPlane;
 use crate::credential::{Extractor, Source};
 use crate::error::{err, parse_json, ConfigError};
@@ -286,7 +286,7 @@ fn compile_rules(cfg: &PluginConfig, errors: &mut Vec<ConfigError>) -> Vec<Rule>
                 if has_requirements(r) {
                     errors.push(err(
                         format!("{field}.action"),
-                        "public and deny rules take no scopes, environments, attachment, credential_sources or rate_limit",
+                        "public and deny rules take no scopes, environments, attachment(s), credential_sources or rate_limit",
                     ));
                 }
                 if r.action == RuleAction::Public {
@@ -314,6 +314,7 @@ fn has_requirements(r: &RuleConfig) -> bool {
         || !r.scopes_all_of.is_empty()
         || !r.environments.is_empty()
         || r.attachment.is_some()
+        || !r.attachments.is_empty()
         || r.credential_sources.is_some()
         || r.rate_limit.is_some()
 }
@@ -339,47 +340,30 @@ fn compile_requirement(
             }
         }
     }
-    let attachment = r.attachment.as_ref().map(|a| {
-        if !is_word(&a.set) {
-            errors.push(err(
-                format!("{field}.attachment.set"),
-                "must be 1-64 visible ASCII characters",
-            ));
-        }
-        let attribute = Attribute::from(&a.from);
-        match &attribute {
-            Attribute::Header(h) if !is_header_name(&String::from_utf8_lossy(h)) => {
-                errors.push(err(
-                    format!("{field}.attachment.from.header"),
-                    "not a valid header name",
-                ))
-            }
-            Attribute::Query(q) if q.is_empty() => errors.push(err(
-                format!("{field}.attachment.from.query"),
-                "must not be empty",
-            )),
-            Attribute::JsonBody(p) if p.as_str().len() < 2 => errors.push(err(
-                format!("{field}.attachment.from.json_body"),
-                "must name a field",
-            )),
-            Attribute::JsonBody(p)
-                if p.as_str()
-                    .split('~')
-                    .skip(1)
-                    .any(|t| !t.starts_with(['0', '1'])) =>
-            {
-                errors.push(err(
-                    format!("{field}.attachment.from.json_body"),
-                    "in a JSON pointer, '~' is written ~0 and '/' in a name ~1 (RFC 6901)",
-                ))
-            }
-            _ => {}
-        }
-        AttachmentCheck {
-            set: a.set.clone(),
-            attribute,
-        }
-    });
+    if r.attachment.is_some() && !r.attachments.is_empty() {
+        errors.push(err(
+            format!("{field}.attachments"),
+            "give attachment or attachments, not both",
+        ));
+    }
+    let mut attachments = Vec::with_capacity(r.attachments.len() + 1);
+    if let Some(a) = &r.attachment {
+        attachments.push(compile_attachment(
+            a,
+            &format!("{field}.attachment"),
+            errors,
+        ));
+    }
+    for (j, a) in r.attachments.iter().enumerate() {
+        attachments.push(compile_attachment(
+            a,
+            &format!("{field}.attachments[{j}]"),
+            errors,
+        ));
+    }
+    // Header and query values are checked before the rate limit, body
+    // values once the body is in; the order within each stays as written.
+    attachments.sort_by_key(|a| a.attribute.needs_body());
     let extractor = r
         .credential_sources
         .as_ref()
@@ -393,7 +377,7 @@ fn compile_requirement(
         scopes_any_of: r.scopes_any_of.clone(),
         scopes_all_of: r.scopes_all_of.clone(),
         environments: r.environments.clone(),
-        attachment,
+        attachments,
         extractor,
         limit,
     }
@@ -419,6 +403,49 @@ fn is_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// One attachment check at `field`, its problems recorded with their paths.
+fn compile_attachment(
+    a: &AttachmentConfig,
+    field: &str,
+    errors: &mut Vec<ConfigError>,
+) -> AttachmentCheck {
+    if !is_word(&a.set) {
+        errors.push(err(
+            format!("{field}.set"),
+            "must be 1-64 visible ASCII characters",
+        ));
+    }
+    let attribute = Attribute::from(&a.from);
+    match &attribute {
+        Attribute::Header(h) if !is_header_name(&String::from_utf8_lossy(h)) => errors.push(err(
+            format!("{field}.from.header"),
+            "not a valid header name",
+        )),
+        Attribute::Query(q) if q.is_empty() => {
+            errors.push(err(format!("{field}.from.query"), "must not be empty"))
+        }
+        Attribute::JsonBody(p) if p.as_str().len() < 2 => {
+            errors.push(err(format!("{field}.from.json_body"), "must name a field"))
+        }
+        Attribute::JsonBody(p)
+            if p.as_str()
+                .split('~')
+                .skip(1)
+                .any(|t| !t.starts_with(['0', '1'])) =>
+        {
+            errors.push(err(
+                format!("{field}.from.json_body"),
+                "in a JSON pointer, '~' is written ~0 and '/' in a name ~1 (RFC 6901)",
+            ))
+        }
+        _ => {}
+    }
+    AttachmentCheck {
+        set: a.set.clone(),
+        attribute,
+    }
 }
 
 #[cfg(test)]

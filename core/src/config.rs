@@ -111,6 +111,9 @@ pub struct RuleConfig {
     /// A request value that must be in one of the key's attachment sets.
     #[serde(default)]
     pub attachment: Option<AttachmentConfig>,
+    /// Several such values, all of which must hold (instead of `attachment`).
+    #[serde(default)]
+    pub attachments: Vec<AttachmentConfig>,
     /// Credential sources for this rule instead of the top-level ones.
     #[serde(default)]
     pub credential_sources: Option<Vec<SourceConfig>>,

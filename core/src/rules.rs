@@ -81,8 +81,9 @@ pub struct Requirement {
     pub scopes_all_of: Vec<String>,
     /// Key environment in this list (if non-empty).
     pub environments: Vec<String>,
-    /// Attachment check.
-    pub attachment: Option<AttachmentCheck>,
+    /// Attachment checks, all of which must hold: those read from headers
+    /// and the query first, then those read from the body.
+    pub attachments: Vec<AttachmentCheck>,
     /// Credential sources overriding the top-level ones.
     pub extractor: Option<Extractor>,
     /// Limit overriding the key's, with the rule's name for its bucket.

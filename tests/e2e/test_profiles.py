@@ -110,8 +110,8 @@ def lead_distro(envoy_factory) -> Envoy:
     return start_profile(envoy_factory, LD)
 
 
-def lead(campaign: Any, tag: str) -> dict:
-    return {"flo_campaign_id": campaign, "flo_supplier_id": "sup-1", "email": f"{tag}@example.com", "first_name": "Ada"}
+def lead(campaign: Any, tag: str, supplier: str = "sup-acme") -> dict:
+    return {"flo_campaign_id": campaign, "flo_supplier_id": supplier, "email": f"{tag}@example.com", "first_name": "Ada"}
 
 
 @ld("large payload sent with Expect: 100-continue (curl -d) is checked and forwarded")

@@ -2,7 +2,7 @@
 //! mode that applies to it.
 
 use super::{check_attached, Denied, Hold, Policy};
-use crate::attribute::{read_json_body, Attribute, BodyValue, MAX_BODY_DEPTH};
+use crate::attribute::{Attribute, BodyValue, JsonBody, MAX_BODY_DEPTH};
 use crate::config::Mode;
 use crate::denial::{Denial, DenyCode, KeyLabel};
 use crate::rules::{AttachmentCheck, Effect};
@@ -44,21 +44,14 @@ impl Policy {
 
     fn check_body(&self, hold: Hold, body: &[u8], truncated: bool) -> Result<(), Denial> {
         let key = self.keys.at(hold.record);
-        let check = self
+        let checks = self
             .rules
             .get(hold.rule as usize)
             .and_then(|r| match &r.effect {
-                Effect::Require(req) => req.attachment.as_ref(),
+                Effect::Require(req) => Some(req.attachments.as_slice()),
                 _ => None,
             });
-        let (
-            Some(key),
-            Some(AttachmentCheck {
-                set,
-                attribute: Attribute::JsonBody(pointer),
-            }),
-        ) = (key, check)
-        else {
+        let (Some(key), Some(checks)) = (key, checks) else {
             return Err(Denial::new(
                 DenyCode::NotAttached,
                 "held request lost its rule",
@@ -70,28 +63,44 @@ impl Policy {
                 "body over max_body_bytes",
             ));
         }
-        match read_json_body(body, pointer) {
-            BodyValue::Found(v) => check_attached(key.meta(), set, &v),
-            BodyValue::NotJson => Err(Denial::new(
-                DenyCode::InvalidJsonBody,
-                "request body is not JSON",
-            )),
-            BodyValue::TooDeep => {
-                // The reason and the reply's message name the limit.
-                const _: () = assert!(MAX_BODY_DEPTH == 127);
-                Err(Denial::new(
-                    DenyCode::InvalidJsonBody,
-                    "request body nests deeper than 127 levels",
-                ))
+        let doc = JsonBody::parse(body).map_err(refusal)?;
+        for check in checks {
+            if let AttachmentCheck {
+                set,
+                attribute: Attribute::JsonBody(pointer),
+            } = check
+            {
+                match doc.value_at(pointer) {
+                    BodyValue::Found(v) => check_attached(key.meta(), set, &v)?,
+                    why => return Err(refusal(why)),
+                }
             }
-            BodyValue::Missing => Err(Denial::new(
-                DenyCode::MissingAttribute,
-                "attachment field absent from body",
-            )),
-            BodyValue::Duplicate => Err(Denial::new(
-                DenyCode::AmbiguousAttribute,
-                "a field repeated in the JSON body, or the field beside a copy differing in case",
-            )),
+        }
+        Ok(())
+    }
+}
+
+/// The refusal for a body value that could not be checked.
+fn refusal(why: BodyValue) -> Denial {
+    match why {
+        BodyValue::TooDeep => {
+            // The reason and the reply's message name the limit.
+            const _: () = assert!(MAX_BODY_DEPTH == 127);
+            Denial::new(
+                DenyCode::InvalidJsonBody,
+                "request body nests deeper than 127 levels",
+            )
+        }
+        BodyValue::Missing => Denial::new(
+            DenyCode::MissingAttribute,
+            "attachment field absent from body",
+        ),
+        BodyValue::Duplicate => Denial::new(
+            DenyCode::AmbiguousAttribute,
+            "a field repeated in the JSON body, or the field beside a copy differing in case",
+        ),
+        BodyValue::NotJson | BodyValue::Found(_) => {
+            Denial::new(DenyCode::InvalidJsonBody, "request body is not JSON")
         }
     }
 }

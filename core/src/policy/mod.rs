@@ -424,28 +424,30 @@ impl Policy {
                     "key lacks the rule's scope or environment",
                 ));
             }
-            if let Some(AttachmentCheck { set, attribute }) = &req.attachment {
+            // Header and query checks come first (compile sorts them so);
+            // body checks wait for the body.
+            for AttachmentCheck { set, attribute } in &req.attachments {
                 if attribute.needs_body() {
                     body_check = Some(Hold {
                         record,
                         rule,
                         grpc: is_grpc(headers),
                     });
-                } else {
-                    match attribute.read_from_request(headers, line) {
-                        AttrValue::Found(value) => check_attached(meta, set, &value)?,
-                        AttrValue::Absent => {
-                            return Err(Denial::new(
-                                DenyCode::MissingAttribute,
-                                "attachment attribute absent",
-                            ))
-                        }
-                        AttrValue::Repeated => {
-                            return Err(Denial::new(
-                                DenyCode::AmbiguousAttribute,
-                                "attachment attribute repeated",
-                            ))
-                        }
+                    break;
+                }
+                match attribute.read_from_request(headers, line) {
+                    AttrValue::Found(value) => check_attached(meta, set, &value)?,
+                    AttrValue::Absent => {
+                        return Err(Denial::new(
+                            DenyCode::MissingAttribute,
+                            "attachment attribute absent",
+                        ))
+                    }
+                    AttrValue::Repeated => {
+                        return Err(Denial::new(
+                            DenyCode::AmbiguousAttribute,
+                            "attachment attribute repeated",
+                        ))
                     }
                 }
             }
