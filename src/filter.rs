@@ -4,6 +4,7 @@ use std::cell::Cell;
 use std::net::IpAddr;
 use std::rc::Rc;
 
+use keygate_core::denial::KeyLabel;
 use keygate_core::headers::HeaderMap;
 use keygate_core::host::parse_source_address;
 use keygate_core::policy::{Decision, Denied, Edits, Hold};
@@ -22,6 +23,9 @@ use crate::shared::SharedCounters;
 /// Name of the filter-state value carrying the denial, for access logs
 /// (`%FILTER_STATE(wasm.keygate_denial:PLAIN)%`).
 const FILTER_STATE_DENIAL: &str = "keygate_denial";
+/// Filter state naming the key a refusal is about: its id, or its masked
+/// form when it is not in the list (`%FILTER_STATE(wasm.keygate_key:PLAIN)%`).
+const FILTER_STATE_KEY: &str = "keygate_key";
 /// Filter state naming the refusal shadow mode let through, as
 /// `<code> (<reason>)` (`%FILTER_STATE(wasm.keygate_shadow:PLAIN)%`).
 const FILTER_STATE_SHADOW: &str = "keygate_shadow";
@@ -344,6 +348,7 @@ impl KeygateRequest {
         let Denied { denial, key } = denied;
         let (code, reason) = (denial.code.as_str(), denial.reason);
         self.metrics.shadowed(denial.code);
+        audit(key);
         let _ = abi::set_filter_state(FILTER_STATE_SHADOW, format!("{code} ({reason})").as_bytes());
         if abi::log_enabled(Level::Debug) {
             abi::log(
@@ -356,6 +361,7 @@ impl KeygateRequest {
     /// Refuses as the policy decided, naming the key (id or masked) at debug level.
     fn refuse(&self, denied: &Denied<'_>) -> Action {
         let Denied { denial, key } = denied;
+        audit(key);
         if abi::log_enabled(Level::Debug) {
             let (code, reason) = (denial.code.as_str(), denial.reason);
             abi::log(Level::Debug, &format!("denied {code} ({reason}) key={key}"));
@@ -392,5 +398,13 @@ impl KeygateRequest {
             abi::log(Level::Error, "could not send the local reply");
         }
         Action::Pause
+    }
+}
+
+/// Names the key a refusal is about in the filter state, for audit by key
+/// in the access log (never the key itself).
+fn audit(key: &KeyLabel<'_>) {
+    if let Some(text) = key.audit() {
+        let _ = abi::set_filter_state(FILTER_STATE_KEY, text.as_bytes());
     }
 }

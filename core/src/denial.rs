@@ -179,6 +179,18 @@ pub enum KeyLabel<'p> {
     Masked(Masked),
 }
 
+impl KeyLabel<'_> {
+    /// What an access log may show of the key: its id, or its masked form
+    /// for a key not in the list; `None` before a key was read.
+    pub fn audit(&self) -> Option<String> {
+        match self {
+            KeyLabel::None => None,
+            KeyLabel::Id(id) => Some((*id).to_string()),
+            KeyLabel::Masked(m) => Some(m.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for KeyLabel<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -301,5 +313,9 @@ mod tests {
         );
         assert_eq!(KeyLabel::Id("acme").to_string(), "id=acme");
         assert_eq!(KeyLabel::None.to_string(), "-");
+        assert_eq!(KeyLabel::Id("acme").audit().as_deref(), Some("acme"));
+        let masked = KeyLabel::Masked(Masked::of(b"lfk_sk_a1b2c3d4e5f6g7h8"));
+        assert_eq!(masked.audit().as_deref(), Some("lfk_…g7h8"));
+        assert_eq!(KeyLabel::None.audit(), None);
     }
 }

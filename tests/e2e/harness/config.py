@@ -22,6 +22,7 @@ ACCESS_LOG_FORMAT = {
     "method": "%REQ(:METHOD)%",
     "denial": "%FILTER_STATE(wasm.keygate_denial:PLAIN)%",
     "shadow": "%FILTER_STATE(wasm.keygate_shadow:PLAIN)%",
+    "key": "%FILTER_STATE(wasm.keygate_key:PLAIN)%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "upstream": "%UPSTREAM_HOST%",
 }
