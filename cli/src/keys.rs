@@ -10,6 +10,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::error::{print_stdout, Failure, Result};
+use crate::keygen::Alphabet;
 use crate::{keyfile, keygen};
 
 /// The `keys` subcommands.
@@ -56,6 +57,16 @@ pub struct CreateArgs {
     /// Free-form label for people.
     #[arg(long)]
     label: Option<String>,
+    /// Characters in the random part (16-128).
+    #[arg(long, default_value_t = keygen::RANDOM_CHARS)]
+    length: usize,
+    /// Alphabet of the random part.
+    #[arg(long, value_enum, default_value_t = Alphabet::Base62)]
+    alphabet: Alphabet,
+    /// End the key with a checksum (six base62 characters of its CRC-32), as
+    /// secret scanners and the filter's `key_checksum: "crc32"` check.
+    #[arg(long)]
+    checksum: bool,
     /// The key list file.
     #[arg(long, value_name = "KEYS.json")]
     file: PathBuf,
@@ -107,6 +118,14 @@ fn create(args: CreateArgs) -> Result<()> {
         (None, None) => "sk_".to_string(),
     };
     keygen::check_prefix(&prefix).map_err(|e| Failure::because("--prefix", e))?;
+    if !keygen::LENGTHS.contains(&args.length) {
+        return Err(Failure::new(format!(
+            "--length: {} is not between {} and {}",
+            args.length,
+            keygen::LENGTHS.start(),
+            keygen::LENGTHS.end()
+        )));
+    }
     if let Some(t) = &args.expires {
         let at = OffsetDateTime::parse(t, &Rfc3339).map_err(|e| {
             Failure::new(format!(
@@ -129,7 +148,7 @@ fn create(args: CreateArgs) -> Result<()> {
         }
     }
 
-    let key = format!("{prefix}{}", keygen::random_part()?);
+    let key = keygen::new_key(&prefix, args.length, args.alphabet, args.checksum)?;
     let record = KeyConfig {
         id: args.id.clone(),
         sha256: hex::encode(keygate_core::keys::digest(key.as_bytes())),
@@ -180,8 +199,11 @@ fn revoke(args: RevokeArgs) -> Result<()> {
             return Ok(true);
         }
         let key = &mut list.keys[i];
-        already = key.disabled;
+        already = key.disabled && key.revoked_at.is_some();
         key.disabled = true;
+        if key.revoked_at.is_none() {
+            key.revoked_at = Some(now_rfc3339()?);
+        }
         Ok(!already)
     })?;
     if already {
@@ -212,7 +234,9 @@ fn status(key: &KeyConfig, now: i64) -> &'static str {
         .as_deref()
         .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
         .is_some_and(|at| now >= at.unix_timestamp());
-    if key.disabled {
+    if key.revoked_at.is_some() {
+        "revoked"
+    } else if key.disabled {
         "disabled"
     } else if expired {
         "expired"
@@ -318,6 +342,14 @@ fn printable(s: &str) -> String {
         .collect()
 }
 
+/// Now, as the RFC 3339 text `revoked_at` holds.
+fn now_rfc3339() -> Result<String> {
+    OffsetDateTime::from_unix_timestamp(now_unix())
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .ok_or_else(|| Failure::new("cannot format the current time"))
+}
+
 fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -345,6 +377,9 @@ mod tests {
         assert_eq!(status(&k, 100), "expired");
         k.disabled = true;
         assert_eq!(status(&k, 100), "disabled");
+        k.disabled = false;
+        k.revoked_at = Some("2026-01-01T00:00:00Z".into());
+        assert_eq!(status(&k, 100), "revoked", "a revocation is for good");
     }
 
     #[test]

@@ -54,7 +54,35 @@ pub fn run(args: ValidateArgs) -> Result<()> {
         _ => Policy::from_json(&bytes).map(|policy| policy.keys().len()),
     }
     .map_err(|errors| Failure::config(None, &errors))?;
+    for warning in reenabled_revocations(&bytes) {
+        eprintln!("warning: {warning}");
+    }
     print_stdout(&format!("ok: {keys} keys\n"))
+}
+
+/// Records revoked (`revoked_at`) and then set `disabled: false`: the filter
+/// still refuses them, since a revocation is for good, but someone tried to
+/// bring them back.
+fn reenabled_revocations(bytes: &[u8]) -> Vec<String> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let records = doc.get("keys").and_then(|k| k.as_array());
+    records
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, k)| {
+            k.get("revoked_at").is_some_and(|t| !t.is_null())
+                && k.get("disabled").and_then(|d| d.as_bool()) != Some(true)
+        })
+        .map(|(i, k)| {
+            let id = k.get("id").and_then(|v| v.as_str()).unwrap_or("?");
+            format!(
+                "keys[{i}] ({id:?}) was revoked and re-enabled (disabled is not true): it stays refused; create a new key instead"
+            )
+        })
+        .collect()
 }
 
 /// A top-level object with a `version` field is a key list (a plugin
@@ -69,6 +97,19 @@ fn detect(bytes: &[u8]) -> Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revoked_record_set_enabled_again_is_reported() {
+        let list = br#"{"version": 1, "keys": [
+            {"id": "a", "sha256": "x", "revoked_at": "2026-01-01T00:00:00Z", "disabled": true},
+            {"id": "b", "sha256": "x", "revoked_at": "2026-01-01T00:00:00Z", "disabled": false},
+            {"id": "c", "sha256": "x", "revoked_at": "2026-01-01T00:00:00Z"},
+            {"id": "d", "sha256": "x", "disabled": false}]}"#;
+        let got = reenabled_revocations(list);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].starts_with("keys[1] (\"b\")"), "{got:?}");
+        assert!(got[1].starts_with("keys[2] (\"c\")"), "{got:?}");
+    }
 
     #[test]
     fn detection() {

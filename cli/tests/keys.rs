@@ -167,7 +167,7 @@ fn list_shows_masked_keys_and_status_never_keys() {
         r.stdout
     );
     assert!(row("b").contains("expired") && row("b").contains("2001-01-01T00:00:00Z"));
-    assert!(row("c").contains("disabled"));
+    assert!(row("c").contains("revoked"));
     for key in [&a, &b, &c] {
         assert!(!r.stdout.contains(key.as_str()));
         assert!(!r.stdout.contains(&key[key.len() - 20..]));
@@ -183,7 +183,7 @@ fn list_shows_masked_keys_and_status_never_keys() {
         format!("sk_test_…{}", &a[a.len() - 4..])
     );
     assert_eq!(v["keys"][1]["status"], "expired");
-    assert_eq!(v["keys"][2]["status"], "disabled");
+    assert_eq!(v["keys"][2]["status"], "revoked");
     for key in [&a, &b, &c] {
         assert!(!r.stdout.contains(&key[key.len() - 20..]));
     }
@@ -211,8 +211,11 @@ fn revoke_disables_delete_removes_unknown_fails() {
     let list = read_list(&file);
     assert_eq!(list.version, 3);
     assert!(list.keys[0].disabled && !list.keys[1].disabled);
+    let revoked_at = list.keys[0].revoked_at.clone().unwrap();
+    assert!(revoked_at.ends_with('Z') && revoked_at.len() == 20, "{revoked_at}");
+    assert!(list.keys[1].revoked_at.is_none());
 
-    // Already disabled: nothing to change.
+    // Already revoked: nothing to change.
     assert_eq!(run(&["keys", "revoke", "a", "--file", f]).code, 0);
     assert_eq!(read_list(&file).version, 3);
 

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::attribute::Attribute;
-use crate::config::{AttachmentConfig, Config, RuleAction, RuleConfig, SourceConfig};
+use crate::config::{AttachmentConfig, Config, KeyChecksum, RuleAction, RuleConfig, SourceConfig};
 use crate::control::ControlPlane;
 use crate::credential::{Extractor, Source};
 use crate::error::{err, parse_json, ConfigError};
@@ -209,6 +209,7 @@ fn compile_sources(
     (errors.len() == before).then(|| {
         let compiled: Vec<Source> = sources.iter().map(Source::from).collect();
         Extractor::new(&compiled, cfg.max_key_length, &cfg.key_prefixes)
+            .with_checksum(cfg.key_checksum == KeyChecksum::Crc32)
     })
 }
 

@@ -32,6 +32,10 @@ pub struct Config<Keys> {
     /// If non-empty, a key must start with one of these prefixes.
     #[serde(default)]
     pub key_prefixes: Vec<String>,
+    /// `crc32`: a key must end with its checksum (see `checksum`), else it
+    /// is `malformed_api_key` before any hashing. Default `none`.
+    #[serde(default)]
+    pub key_checksum: KeyChecksum,
     /// Realm named in `WWW-Authenticate`.
     #[serde(default = "default_realm")]
     pub realm: String,
@@ -50,6 +54,17 @@ pub struct Config<Keys> {
     /// `enforce` (default) or `shadow`; a rule or a key record may override it.
     #[serde(default)]
     pub mode: Mode,
+}
+
+/// The checksum keys end with, if any.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyChecksum {
+    /// No checksum.
+    #[default]
+    None,
+    /// Six base62 characters of the CRC-32 of the rest of the key.
+    Crc32,
 }
 
 /// Whether refusals are answered or only reported.
@@ -216,6 +231,10 @@ pub struct KeyConfig {
     /// A disabled key is revoked: 401, same public body as an unknown key.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
+    /// RFC 3339 time the key was revoked: refused for good, whatever
+    /// `disabled` says (`keygate keys revoke` sets both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
     /// If non-empty, the downstream address must be in one of these CIDRs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_cidrs: Vec<String>,

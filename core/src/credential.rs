@@ -36,6 +36,8 @@ pub struct Extractor {
     bare: bool,
     max_len: usize,
     prefixes: Vec<Vec<u8>>,
+    /// Keys end with their checksum ([`crate::checksum`]).
+    checksum: bool,
 }
 
 /// A key found in the request, borrowed from the header map.
@@ -67,7 +69,13 @@ impl Extractor {
             bare,
             max_len,
             prefixes: prefixes.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            checksum: false,
         }
+    }
+
+    /// This extractor, refusing keys whose checksum suffix does not match.
+    pub fn with_checksum(self, checksum: bool) -> Self {
+        Extractor { checksum, ..self }
     }
 
     /// True if a Bearer source is configured (decides the `WWW-Authenticate` scheme).
@@ -171,6 +179,9 @@ impl Extractor {
         }
         if !self.prefixes.is_empty() && !self.prefixes.iter().any(|p| key.starts_with(p)) {
             return Err(malformed("key does not start with a configured prefix"));
+        }
+        if self.checksum && !crate::checksum::verify(key) {
+            return Err(malformed("key checksum does not match"));
         }
         Ok(key)
     }

@@ -262,6 +262,7 @@ fn has_meta(k: &KeyConfig) -> bool {
     !k.scopes.is_empty()
         || k.expires_at.is_some()
         || k.disabled
+        || k.revoked_at.is_some()
         || !k.allowed_cidrs.is_empty()
         || !k.attachments.is_empty()
         || k.environment.is_some()
@@ -327,6 +328,16 @@ fn compile_meta(k: &KeyConfig, field: &str, errors: &mut Vec<ConfigError>) -> Ke
             }
         }
     });
+    if let Some(t) = &k.revoked_at {
+        if let Err(e) =
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        {
+            errors.push(err(
+                format!("{field}.revoked_at"),
+                format!("not an RFC 3339 timestamp: {e}"),
+            ));
+        }
+    }
     let mut allowed_cidrs = Vec::new();
     for (j, c) in k.allowed_cidrs.iter().enumerate() {
         match parse_cidr(c) {
@@ -366,7 +377,8 @@ fn compile_meta(k: &KeyConfig, field: &str, errors: &mut Vec<ConfigError>) -> Ke
     KeyMeta {
         scopes: k.scopes.clone(),
         expires_at,
-        disabled: k.disabled,
+        // A revocation is for good: `disabled: false` cannot undo it.
+        disabled: k.disabled || k.revoked_at.is_some(),
         allowed_cidrs,
         attachments,
         environment: k.environment.clone(),

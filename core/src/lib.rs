@@ -9,6 +9,7 @@
 //! or the denial to answer with [`reply`].
 
 pub mod attribute;
+pub mod checksum;
 pub mod compile;
 pub mod config;
 pub mod config_share;

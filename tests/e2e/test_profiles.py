@@ -242,11 +242,11 @@ def test_tl_keys_never_logged(trust_leads):
     for case in f.cases:
         req = f.request(case)
         trust_leads.request(req.method, req.path, req.headers, req.body, host=req.host)
-    trust_leads.request("GET", "/v1/usage", [("X-API-Key", "lfk_sk_DEMOunknownNOTAREALKEY00000000000000099")])
+    trust_leads.request("GET", "/v1/usage", [("X-API-Key", "lfk_DEMOunknownNOTAREALKEY000000000000000099")])
     time.sleep(0.3)  # let Envoy flush its log (file flush interval 100 ms)
     text = trust_leads.log_text() + trust_leads.access_log_path.read_text()
     assert "denied" in text, "expected keygate's debug denial lines"
-    for secret in all_keys() + ["lfk_sk_DEMOunknownNOTAREALKEY00000000000000099"]:
+    for secret in all_keys() + ["lfk_DEMOunknownNOTAREALKEY000000000000000099"]:
         assert secret not in text
         assert secret[-20:] not in text
 
