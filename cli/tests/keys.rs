@@ -212,7 +212,10 @@ fn revoke_disables_delete_removes_unknown_fails() {
     assert_eq!(list.version, 3);
     assert!(list.keys[0].disabled && !list.keys[1].disabled);
     let revoked_at = list.keys[0].revoked_at.clone().unwrap();
-    assert!(revoked_at.ends_with('Z') && revoked_at.len() == 20, "{revoked_at}");
+    assert!(
+        revoked_at.ends_with('Z') && revoked_at.len() == 20,
+        "{revoked_at}"
+    );
     assert!(list.keys[1].revoked_at.is_none());
 
     // Already revoked: nothing to change.
