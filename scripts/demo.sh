@@ -20,16 +20,7 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/test.sh"
 # shellcheck source=scripts/demo_common.sh
 source "$KEYGATE_ROOT/scripts/demo_common.sh"
 
-CHECK="${KEYGATE_DEMO_CHECK:-0}"
-BUILD=1
-for arg in "$@"; do
-  case "$arg" in
-    --check) CHECK=1 ;;
-    --no-build) BUILD=0 ;;
-    -h | --help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument: $arg (try --help)" ;;
-  esac
-done
+demo_args "$@"
 
 # Fixed by envoy/envoy.yaml.
 LISTEN_PORT=10000
@@ -66,19 +57,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo; echo "stopping..."; cleanup; exit 130' INT
 trap 'cleanup; exit 143' TERM
-
-port_free() {
-  "$KEYGATE_VENV/bin/python" - "$1" <<'PY'
-import socket, sys
-s = socket.socket()
-# Like the servers themselves: a port with only TIME_WAIT leftovers is free.
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-PY
-}
 
 wait_http() { # url timeout_s pid_to_watch what
   local url="$1" deadline=$((SECONDS + $2)) pid="$3" what="$4"

@@ -13,6 +13,37 @@
 # against the control plane's key list, and demo_logs, which prints every log
 # that must never contain a key.
 
+# demo_args ARGS...: the options both demos take. Sets CHECK (--check, or
+# KEYGATE_DEMO_CHECK=1) and BUILD (0 with --no-build); --help prints the
+# script's leading comment.
+demo_args() {
+  CHECK="${KEYGATE_DEMO_CHECK:-0}"
+  BUILD=1
+  local arg
+  for arg in "$@"; do
+    case "$arg" in
+      --check) CHECK=1 ;;
+      --no-build) BUILD=0 ;;
+      -h | --help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
+      *) die "unknown argument: $arg (try --help)" ;;
+    esac
+  done
+}
+
+# port_free PORT: nothing listens on 127.0.0.1:PORT.
+port_free() {
+  "$KEYGATE_VENV/bin/python" - "$1" <<'PY'
+import socket, sys
+s = socket.socket()
+# Like the servers themselves: a port with only TIME_WAIT leftovers is free.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+PY
+}
+
 # sha256_of KEY: the hex SHA-256 that goes into the configuration.
 sha256_of() {
   printf '%s' "$1" | "$KEYGATE_VENV/bin/python" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
