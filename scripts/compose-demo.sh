@@ -134,6 +134,7 @@ layer_image() {
 }
 
 ensure_keygate_static() {
+  step "build keygate for $MUSL_TARGET (static, release)"
   (cd "$KEYGATE_ROOT" && rustup target list --installed | grep -qx "$MUSL_TARGET") \
     || (cd "$KEYGATE_ROOT" && rustup target add "$MUSL_TARGET")
   (cd "$KEYGATE_ROOT" && cargo build -q --release --target "$MUSL_TARGET" -p keygate-cli)
