@@ -20,6 +20,7 @@
 #   KEYGATE_PORT, KEYGATE_ADMIN_PORT  host ports on 127.0.0.1 (default 10000, 9901)
 #   KEYGATE_COMPOSE_PROJECT  Compose project name (default keygate-demo)
 #   KEYGATE_WASM             the keygate.wasm to mount (implies --no-build)
+#   ENVOY_BIN                the Envoy binary for the local image (default: .venv's)
 #   KEYGATE_DEBIAN_MIRROR    for debootstrap (default http://deb.debian.org/debian)
 
 set -euo pipefail
@@ -116,7 +117,8 @@ ensure_base_image() {
 # layer_image IMAGE FILE DEST: IMAGE is the base image plus FILE at DEST,
 # built again only when FILE or the base image changed.
 layer_image() {
-  local image="$1" file="$2" dest="$3" inputs ctx
+  local image="$1" file dest="$3" inputs ctx
+  file="$(realpath "$2")"
   inputs="$(docker image inspect -f '{{.Id}}' "$BASE_IMAGE" | cut -c8-19)-$(sha256sum "$file" | cut -c1-12)"
   [[ "$(image_inputs "$image")" == "$inputs" ]] && return 0
   step "docker build $image (adds $(basename "$file") to $BASE_IMAGE)"
@@ -184,7 +186,7 @@ need_base=0
 [[ "$need_base" == 0 ]] || ensure_base_image
 if [[ -z "${KEYGATE_ENVOY_IMAGE:-}" ]]; then
   KEYGATE_ENVOY_IMAGE=keygate-compose/envoy:local
-  layer_image "$KEYGATE_ENVOY_IMAGE" "$(envoy_bin)" /usr/local/bin/envoy
+  layer_image "$KEYGATE_ENVOY_IMAGE" "${ENVOY_BIN:-$(envoy_bin)}" /usr/local/bin/envoy
 fi
 if [[ -z "${KEYGATE_IMAGE:-}" ]]; then
   ensure_keygate_static
