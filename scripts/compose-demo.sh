@@ -151,7 +151,7 @@ cleanup() {
   set +e
   if [[ "$UP" == 1 ]]; then
     compose logs --no-color >"$KEYGATE_COMPOSE_DIR/compose.log" 2>&1 || true
-    echo "stopping: docker-compose down (logs: ${KEYGATE_COMPOSE_DIR#"$KEYGATE_ROOT"/}/compose.log)"
+    echo "stopping: ${COMPOSE_CMD[*]} down (logs: ${KEYGATE_COMPOSE_DIR#"$KEYGATE_ROOT"/}/compose.log)"
     compose down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
   fi
 }
@@ -181,6 +181,9 @@ fi
 echo "keygate.wasm: $(wc -c <"$KEYGATE_WASM" | tr -d ' ') bytes"
 
 step "images (built from local files, cached in target/compose/)"
+# One build at a time per checkout (a demo and the e2e test may start together).
+exec 9>"$CACHE/.build.lock"
+flock -w 900 9 || die "another compose-demo.sh held $CACHE/.build.lock for 15 minutes"
 need_base=0
 [[ -n "${KEYGATE_ENVOY_IMAGE:-}" && -n "${KEYGATE_IMAGE:-}" && -n "${KEYGATE_BACKEND_IMAGE:-}" ]] || need_base=1
 [[ "$need_base" == 0 ]] || ensure_base_image
@@ -193,6 +196,7 @@ if [[ -z "${KEYGATE_IMAGE:-}" ]]; then
   KEYGATE_IMAGE=keygate-compose/keygate:local
   layer_image "$KEYGATE_IMAGE" "$KEYGATE_MUSL" /usr/local/bin/keygate
 fi
+flock -u 9
 KEYGATE_BACKEND_IMAGE="${KEYGATE_BACKEND_IMAGE:-$BASE_IMAGE}"
 export KEYGATE_ENVOY_IMAGE KEYGATE_IMAGE KEYGATE_BACKEND_IMAGE
 echo "envoy:         $KEYGATE_ENVOY_IMAGE"

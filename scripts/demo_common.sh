@@ -136,13 +136,17 @@ demo_check() {
   NEW_KEY="$(demo_cli keys create --id my-app 2>/dev/null)" || true
   [[ -n "$NEW_KEY" ]] || { echo "  FAIL  keys create printed no key"; FAILED=1; NEW_KEY=kg_none; }
   if wait_status 200 "$NEW_KEY" 5; then echo "  ok    new key created with the CLI -> 200"; else echo "  FAIL  new key never accepted"; FAILED=1; fi
+  local t_cmd t0 ms cmd_ms within="${DEMO_REVOKE_WITHIN:-5}"
+  t_cmd="$(now_ms)"
   demo_cli keys revoke my-app >/dev/null || { echo "  FAIL  keys revoke"; FAILED=1; }
-  local t0 ms within="${DEMO_REVOKE_WITHIN:-5}"
+  # The limit counts from when the command returned; how long the command
+  # itself took (docker-compose exec adds about a second) is shown beside it.
   t0="$(now_ms)"
+  cmd_ms=$((t0 - t_cmd))
   if wait_status 401 "$NEW_KEY" "$within"; then
     ms=$(($(now_ms) - t0))
-    printf '  ok    revoked with the CLI -> 401 after %d.%d s (limit %s s)\n' \
-      $((ms / 1000)) $((ms % 1000 / 100)) "$within"
+    printf '  ok    revoked with the CLI -> 401 %d.%d s after it returned (limit %s s; the command took %d.%d s)\n' \
+      $((ms / 1000)) $((ms % 1000 / 100)) "$within" $((cmd_ms / 1000)) $((cmd_ms % 1000 / 100))
   else
     echo "  FAIL  revoked key still accepted after $within s"
     FAILED=1
