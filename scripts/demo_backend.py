@@ -3,7 +3,8 @@
 received (method, path, headers), so the demo shows the identity header that
 keygate adds and the credential it strips.
 
-Usage: demo_backend.py [PORT]   (default 18080, listens on 127.0.0.1 only)
+Usage: demo_backend.py [PORT [HOST]]   (default 18080 on 127.0.0.1; the
+Compose demo passes 0.0.0.0, inside its container)
 """
 
 import json
@@ -40,9 +41,10 @@ class Echo(BaseHTTPRequestHandler):
 
 def main() -> None:
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 18080
-    server = ThreadingHTTPServer(("127.0.0.1", port), Echo)
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    server = ThreadingHTTPServer((host, port), Echo)
     server.daemon_threads = True
-    print(f"demo backend listening on 127.0.0.1:{port}", flush=True)
+    print(f"demo backend listening on {host}:{port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

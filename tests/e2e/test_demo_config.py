@@ -86,3 +86,12 @@ def test_demo_rejects_underscore_headers(demo, backend):
     r = demo.request("GET", p, [xkey(ALPHA), ("x_api_key_id", "evil")])
     assert r.status == 400, r
     assert not backend.saw(p)
+
+
+def test_demo_admin_needs_scope(demo, backend):
+    """The demo's one rule: /admin needs the scope "admin", which no demo key holds."""
+    p = unique_path("admin")
+    r = demo.request("GET", p, [xkey(ALPHA)])
+    assert r.status == 403, r
+    assert r.json()["error"] == "insufficient_scope"
+    assert not backend.saw(p)
