@@ -4,9 +4,10 @@
 #   bash scripts/test.sh [pytest args...]
 #
 # Installs what is missing (the wasm32-wasip1 Rust target; binaryen from
-# Debian; a project-local .venv with Envoy, pytest and httpx), then: rustfmt, clippy (native and
-# wasm), the Rust unit tests, the release wasm build, and the end-to-end
-# suite under tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
+# Debian, and for the Istio and remote-fetch tests umoci, skopeo and nginx; a
+# project-local .venv with Envoy, pytest, httpx, PyYAML and check-jsonschema),
+# then: rustfmt, clippy (native and wasm), the Rust unit tests, the release
+# wasm build, and the end-to-end suite under tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
 #
 # Last, a smoke run of the benchmark (scripts/bench.sh --quick, about 3
 # minutes, its figures in target/bench-smoke/): it proves the benchmark still
