@@ -23,7 +23,7 @@
 # `# oci.sh:` that this script rewrites (--check only compares).
 #
 # Push the layout to a registry with skopeo (see envoy/istio/README.md):
-#   skopeo copy oci:target/oci/keygate:<tag> docker://registry.example.com/keygate:<tag>
+#   skopeo copy --preserve-digests oci:target/oci/keygate:<tag> docker://<registry>/keygate:<tag>
 
 set -euo pipefail
 

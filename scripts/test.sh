@@ -7,7 +7,8 @@
 # Debian, and for the Istio and remote-fetch tests umoci, skopeo and nginx; a
 # project-local .venv with Envoy, pytest, httpx, PyYAML and check-jsonschema),
 # then: rustfmt, clippy (native and wasm), the Rust unit tests, the release
-# wasm build, and the end-to-end suite under tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
+# wasm build, and the end-to-end suite under tests/e2e (extra arguments go
+# to pytest, e.g. -k rate -s).
 #
 # Last, a smoke run of the benchmark (scripts/bench.sh --quick, about 3
 # minutes, its figures in target/bench-smoke/): it proves the benchmark still
