@@ -5,7 +5,8 @@ The image is read back without umoci (the layout's JSON and blobs, and skopeo
 as a registry client sees it), its plugin.wasm is loaded in real Envoy with
 each manifest's keygate configuration, the manifests are validated against
 Istio's CRD schemas (tests/e2e/schemas, see tests/istio-schemas) with
-check-jsonschema, and their keygate configurations with `keygate validate`.
+check-jsonschema, the EnvoyFilter's patches by `envoy --mode validate`, and
+the keygate configurations with `keygate validate`.
 """
 
 from __future__ import annotations
@@ -386,6 +387,37 @@ def test_schema_refuses_a_broken_envoyfilter(strict_schemas: dict[str, Path], tm
     broken.write_text(yaml.safe_dump(doc))
     out = check_jsonschema(SCHEMA_OF["EnvoyFilter"], broken)
     assert out.returncode == 1 and "PREPEND" in out.stdout, out.stdout
+
+
+def envoy_validates(cfg: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(cfg))
+    cmd = [str(harness.envoy_binary()), "--mode", "validate", "-c", str(path), "-l", "error"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_envoyfilter_patches_are_envoy_configuration(tmp_path: Path) -> None:
+    """What the EnvoyFilter hands Envoy, checked by Envoy itself (`--mode
+    validate`): the Wasm configuration as written (remote code and all), and
+    the HTTP filter that takes it from ECDS (under an ADS bootstrap)."""
+    doc = load(ENVOYFILTER)
+    (http_filter,) = [p["patch"]["value"] for p in doc["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
+    wasm_filter = {"name": "keygate", "typed_config": extension_config(doc)}
+    for filters in ([wasm_filter], [http_filter]):
+        cfg = harness.bootstrap(10000, 9901, 18080, filters)
+        cfg["node"] = {"id": "validate", "cluster": "validate"}
+        cfg["dynamic_resources"] = {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "backend"}}],
+            }
+        }
+        out = envoy_validates(cfg, tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+    wasm_filter["typed_config"]["config"]["allow_on_headers_stop_iteration_"] = True  # a control: typos are caught
+    out = envoy_validates(harness.bootstrap(10000, 9901, 18080, [wasm_filter]), tmp_path)
+    assert out.returncode == 1 and "allow_on_headers_stop_iteration_" in out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("which", ["wasmplugin", "envoyfilter"])
