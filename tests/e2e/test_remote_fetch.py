@@ -6,7 +6,8 @@ when missing; Python's http.server only if nginx cannot be had).
 - a wrong digest: Envoy refuses the module and nothing is ever forwarded
   (a listener that is not serving, or 5xx: never a 200);
 - the server down at start-up: the retry policy brings keygate up once the
-  server is back, and not before.
+  server is back, and not before;
+- the server never up: once the retries run out, still nothing forwarded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -220,6 +220,34 @@ def test_right_digest_loads_keygate(envoy_fn, server: ModuleServer, wasm: Path, 
     assert envoy.counter("wasm.keygate.vm_reload") == 0
 
 
+def start_never_forwarding(envoy: harness.Envoy, backend: harness.Backend) -> str:
+    """Starts Envoy whose module cannot be had and checks that it never
+    serves unauthenticated: either it does not become ready, or for 3 s every
+    request (with a valid key or none) fails or gets a 5xx, and the backend
+    sees none of them. Returns what happened."""
+    try:
+        envoy.start()
+    except harness.EnvoyStartError as e:  # refused at start-up: nothing listens
+        return f"not ready ({str(e).splitlines()[0]})"
+    statuses: set[object] = set()
+    paths = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for headers in ([xkey(KEY)], []):
+            path = unique_path("refused")
+            paths.append(path)
+            try:
+                status: object = envoy.request("GET", path, headers=headers).status
+            except (ConnectionError, OSError) as e:
+                status = type(e).__name__
+            statuses.add(status)
+            assert not (isinstance(status, int) and status < 500), f"{path} answered {status}"
+        time.sleep(0.1)
+    assert not any(backend.saw(p) for p in paths)
+    assert "failed to load" in envoy.log_text()
+    return "ready, answering " + ", ".join(sorted(map(str, statuses)))
+
+
 def test_wrong_digest_never_forwards(envoy_fn, server: ModuleServer, backend: harness.Backend) -> None:
     """Envoy gets the module but it is not the one the digest names: Envoy
     refuses it. Acceptable: a listener that is not ready, or 5xx. Never 200,
@@ -227,41 +255,19 @@ def test_wrong_digest_never_forwards(envoy_fn, server: ModuleServer, backend: ha
     server.start()
     wrong = hashlib.sha256(b"not keygate").hexdigest()
     envoy = envoy_fn(config_text=render(server.port, wrong, fast_retries=True), start=False)
-    try:
-        envoy.start()
-    except harness.EnvoyStartError as e:  # refused at start-up: nothing listens
-        outcome = f"not ready ({str(e).splitlines()[0]})"
-        assert envoy.port == 0 or not harness.wait_until(lambda: _connects(envoy.port), timeout=1)
-    else:
-        outcome = "ready, answering"
-        statuses: set[object] = set()
-        paths = []
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            for headers in ([xkey(KEY)], []):
-                path = unique_path("wrong")
-                paths.append(path)
-                try:
-                    status: object = envoy.request("GET", path, headers=headers).status
-                except (ConnectionError, OSError) as e:
-                    status = type(e).__name__
-                statuses.add(status)
-                assert not (isinstance(status, int) and status < 500), f"{path} answered {status}"
-            time.sleep(0.1)
-        outcome += " " + ", ".join(sorted(map(str, statuses)))
-        assert not any(backend.saw(p) for p in paths)
-        assert "failed to load" in envoy.log_text()
+    outcome = start_never_forwarding(envoy, backend)
     # The server did hand over the module: the refusal is the digest's doing.
     assert server.fetches() >= 1
     report(f"remote fetch, wrong digest: {outcome}")
 
 
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
+def test_server_never_up_fails_closed(envoy_fn, server: ModuleServer, wasm: Path, backend: harness.Backend) -> None:
+    """The retries run out with no server: Envoy gives up on the module the
+    same way, and still forwards nothing."""
+    envoy = envoy_fn(config_text=render(server.port, module_sha256(wasm), fast_retries=True), start=False)
+    outcome = start_never_forwarding(envoy, backend)
+    assert envoy.counter("cluster.keygate_module.upstream_cx_connect_fail") >= 3 or outcome.startswith("not ready")
+    report(f"remote fetch, server never up: {outcome}")
 
 
 def test_server_down_at_startup_then_retried(envoy_fn, server: ModuleServer, wasm: Path, backend: harness.Backend) -> None:
