@@ -280,7 +280,11 @@ def test_manifest_config_allows_denies_and_limits(which: str, request, backend: 
     check_denial(orders(envoy, TRIAL, method="DELETE", tenant="sandbox"), "insufficient_scope")
     codes = [orders(envoy, TRIAL, tenant="sandbox").status for _ in range(5)]
     assert codes == [200] * 5, codes
-    check_denial(orders(envoy, TRIAL, tenant="sandbox"), "rate_limited", secrets_=SECRETS)
+    # The bucket is empty now; on a slow machine a token may have refilled.
+    replies = [orders(envoy, TRIAL, tenant="sandbox") for _ in range(3)]
+    limited = [r for r in replies if r.status != 200]
+    assert limited, [r.status for r in replies]
+    check_denial(limited[0], "rate_limited", secrets_=SECRETS)
     assert envoy.counter("wasm.keygate.vm_reload") == 0
 
 
