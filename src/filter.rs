@@ -114,7 +114,7 @@ impl RootContext for KeygateRoot {
             for key in policy
                 .keys()
                 .iter()
-                .filter(|k| policy.limit_of(k).is_some())
+                .filter(|k| !policy.limit_of(k).is_empty())
             {
                 let bucket = policy.key_bucket(&key);
                 let created =

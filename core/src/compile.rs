@@ -13,7 +13,7 @@ use crate::headers::same_header;
 use crate::keylist::{is_word, CompiledKeys};
 use crate::keys::{KeySet, KeyStore};
 use crate::policy::Policy;
-use crate::ratelimit::{bucket_scope, BlockedBuckets, Limit};
+use crate::ratelimit::{bucket_scope, compile_limits, BlockedBuckets, Limit};
 use crate::rules::{AttachmentCheck, Effect, Matcher, Requirement, Rule};
 
 /// The plugin configuration, its key records compiled while they are parsed.
@@ -127,10 +127,8 @@ impl Policy {
             errors.push(err("max_body_bytes", "must be between 1 and 16777216"));
         }
 
-        let default_limit = cfg
-            .rate_limit
-            .as_ref()
-            .and_then(|l| Limit::from_config(l, "rate_limit", &mut errors));
+        let default_limits =
+            compile_limits(cfg.rate_limit.as_ref(), &cfg.rate_limits, "", &mut errors);
         let control_plane = cfg
             .control_plane
             .as_ref()
@@ -156,7 +154,7 @@ impl Policy {
                     realm: cfg.realm.clone(),
                     max_body_bytes: cfg.max_body_bytes,
                     control_plane,
-                    default_limit,
+                    default_limits,
                     list_version: None,
                     bucket_scope: bucket_scope(""),
                     mode: cfg.mode,

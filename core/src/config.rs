@@ -20,6 +20,9 @@ pub struct Config<Keys> {
     /// Default per-key rate limit. Absent means no rate limit.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Default per-key limits, all of which must admit (instead of `rate_limit`).
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
     /// Header that carries the key id to the backend.
     #[serde(default = "default_identity_header")]
     pub identity_header: String,
@@ -222,6 +225,9 @@ pub struct KeyConfig {
     /// This key's own rate limit, overriding the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
+    /// This key's own limits, all of which must admit (instead of `rate_limit`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitConfig>,
     /// Scopes the key holds, e.g. `ingest`, `read`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
@@ -260,13 +266,28 @@ pub struct KeyConfig {
 }
 
 /// A token-bucket rate limit.
-#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
+    /// Name of the limit in a `rate_limits` list, shown in `RateLimit-Policy`
+    /// (`default` for a lone `rate_limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Sustained rate; may be fractional (0.5 = one request every 2 s).
-    pub requests_per_second: f64,
-    /// Bucket size: how many requests may arrive at once.
-    pub burst: i64,
+    /// Give this, or `requests` and `per`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+    /// `requests` per `per` (`"1s"`, `"1h"`, `"1d"`, `"30d"`): a long window
+    /// makes a quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    /// The window of `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+    /// Bucket size: how many requests may arrive at once. Required with
+    /// `requests_per_second`; with `requests`/`per` it defaults to `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<i64>,
 }
 
 /// An object of string lists, refusing a name given twice: serde would keep

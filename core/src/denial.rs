@@ -154,9 +154,88 @@ impl DenyCode {
     }
 }
 
+/// The name of a rate limit as a 429 shows it (`RateLimit-Policy`), kept
+/// inline so that rate figures stay plain values.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LimitName {
+    buf: [u8; LimitName::MAX],
+    len: u8,
+}
+
+impl LimitName {
+    /// Longest name.
+    pub const MAX: usize = 16;
+    /// The name of a lone `rate_limit`.
+    pub const DEFAULT: LimitName = LimitName::from_static(b"default");
+
+    const fn from_static(name: &[u8]) -> Self {
+        let mut buf = [0u8; Self::MAX];
+        let mut i = 0;
+        while i < name.len() && i < Self::MAX {
+            buf[i] = name[i];
+            i += 1;
+        }
+        LimitName { buf, len: i as u8 }
+    }
+
+    /// `name` if it is 1-16 characters of `A-Z a-z 0-9 _ - .` (it is written
+    /// inside a quoted header string).
+    pub fn new(name: &str) -> Option<Self> {
+        let ok = !name.is_empty()
+            && name.len() <= Self::MAX
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if !ok {
+            return None;
+        }
+        let mut buf = [0u8; Self::MAX];
+        buf.get_mut(..name.len())?.copy_from_slice(name.as_bytes());
+        Some(LimitName {
+            buf,
+            len: name.len() as u8,
+        })
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        self.buf
+            .get(..usize::from(self.len))
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("default")
+    }
+}
+
+impl Default for LimitName {
+    fn default() -> Self {
+        LimitName::DEFAULT
+    }
+}
+
+impl std::fmt::Debug for LimitName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl serde::Serialize for LimitName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LimitName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        LimitName::new(&name).ok_or_else(|| serde::de::Error::custom("not a limit name"))
+    }
+}
+
 /// Rate-limit figures attached to a 429.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateInfo {
+    /// The limit these figures are about (the one that refused, on a 429).
+    pub policy: LimitName,
     /// Bucket size (`q` in `RateLimit-Policy`).
     pub burst: u64,
     /// Seconds to refill the whole bucket (`w`).

@@ -11,7 +11,7 @@ use crate::error::{err, parse_json, ConfigError};
 use crate::keys::{
     parse_digest, Clash, Digest, KeyMeta, KeyStore, KeyStoreBuilder, Profile, MAX_ID_LEN,
 };
-use crate::ratelimit::Limit;
+use crate::ratelimit::compile_limits;
 
 /// with the same rules as the `keys` of a plugin configuration.
 pub fn validate_key_list(bytes: &[u8]) -> Result<KeyList, Vec<ConfigError>> {
@@ -242,17 +242,18 @@ fn compile_key(
             "must be 64 hex characters (the SHA-256 of the key, never the key)",
         ));
     }
-    let limit = k
-        .rate_limit
-        .as_ref()
-        .and_then(|l| Limit::from_config(l, &format!("{}.rate_limit", field()), errors));
+    let limits = if k.rate_limit.is_some() || !k.rate_limits.is_empty() {
+        compile_limits(k.rate_limit.as_ref(), &k.rate_limits, &field(), errors)
+    } else {
+        Vec::new()
+    };
     let meta = if has_meta(k) {
         compile_meta(k, &field(), errors)
     } else {
         KeyMeta::default()
     };
     match digest {
-        Some(d) if errors.len() == before => Some((d, Profile { limit, meta })),
+        Some(d) if errors.len() == before => Some((d, Profile { limits, meta })),
         _ => None,
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::Mode;
-use crate::ratelimit::Limit;
+use crate::ratelimit::NamedLimit;
 
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
@@ -84,9 +84,10 @@ impl KeyMeta {
 /// settings share one profile.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Profile {
-    /// The key's own rate limit (the policy's default applies when `None`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limit: Option<Limit>,
+    /// The key's own rate limits, all of which must admit (the policy's
+    /// default applies when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<NamedLimit>,
     /// Scopes, expiry, revocation, CIDRs, attachments.
     #[serde(default)]
     pub meta: KeyMeta,
@@ -105,9 +106,9 @@ impl<'s> KeyRef<'s> {
         self.id
     }
 
-    /// The key's own rate limit, if any.
-    pub fn limit(&self) -> Option<Limit> {
-        self.profile.limit
+    /// The key's own rate limits (empty: the policy's default applies).
+    pub fn limits(&self) -> &'s [NamedLimit] {
+        &self.profile.limits
     }
 
     /// Scopes, expiry, revocation, CIDRs, attachments.

@@ -2,6 +2,8 @@
 //! and the merged key set.
 
 use super::*;
+use crate::denial::LimitName;
+use crate::ratelimit::{Limit, NamedLimit};
 
 fn store(keys: &[(&str, &str)]) -> Result<KeyStore, Vec<Clash>> {
     let mut b = KeyStoreBuilder::default();
@@ -50,7 +52,10 @@ fn parses_hex_digests() {
 #[test]
 fn profiles_are_interned_and_survive_the_wire_form() {
     let limited = Profile {
-        limit: Some(Limit::new(5.0, 10)),
+        limits: vec![NamedLimit {
+            name: LimitName::DEFAULT,
+            limit: Limit::new(5.0, 10),
+        }],
         meta: KeyMeta {
             scopes: vec!["read".into()],
             allowed_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
@@ -78,7 +83,7 @@ fn profiles_are_interned_and_survive_the_wire_form() {
     for i in 0..1000u32 {
         let k = copy.lookup(format!("key-{i}").as_bytes()).unwrap();
         assert_eq!(k.id(), format!("id-{i}"));
-        assert_eq!(k.limit().is_some(), i % 2 == 0);
+        assert_eq!(!k.limits().is_empty(), i % 2 == 0);
         assert_eq!(k.meta().scopes.len(), usize::from(i % 2 == 0));
     }
     assert!(copy.lookup(b"key-1000").is_none());
@@ -165,7 +170,10 @@ fn keys_with_settings_of_their_own_each_keep_theirs() {
         b.push(
             digest(&i.to_le_bytes()),
             &format!("k{i}"),
-            Profile { limit: None, meta },
+            Profile {
+                limits: Vec::new(),
+                meta,
+            },
             i,
         );
     }

@@ -16,6 +16,7 @@ pub mod config_share;
 pub mod control;
 pub mod credential;
 pub mod denial;
+pub mod duration;
 pub mod error;
 pub mod headers;
 pub mod host;

@@ -47,12 +47,18 @@ pub fn render(denial: &Denial, www_authenticate: &str) -> Reply {
         headers.push(("retry-after", rate.retry_after_secs.max(1).to_string()));
         headers.push((
             "ratelimit-policy",
-            format!("\"default\";q={};w={}", rate.burst, rate.window_secs),
+            format!(
+                "\"{}\";q={};w={}",
+                rate.policy.as_str(),
+                rate.burst,
+                rate.window_secs
+            ),
         ));
         headers.push((
             "ratelimit",
             format!(
-                "\"default\";r={};t={}",
+                "\"{}\";r={};t={}",
+                rate.policy.as_str(),
                 rate.remaining,
                 rate.retry_after_secs.max(1)
             ),
@@ -211,6 +217,7 @@ mod tests {
     fn rate_limited_reply_carries_draft_headers_and_no_challenge() {
         let mut d = Denial::new(DenyCode::RateLimited, "bucket empty");
         d.rate = Some(RateInfo {
+            policy: crate::denial::LimitName::DEFAULT,
             burst: 200,
             window_secs: 2,
             remaining: 0,
@@ -297,6 +304,7 @@ mod tests {
             ..Denial::new(DenyCode::RateLimited, "bucket empty")
         };
         limited.rate = Some(RateInfo {
+            policy: crate::denial::LimitName::DEFAULT,
             burst: 1,
             window_secs: 1,
             remaining: 0,
@@ -318,6 +326,7 @@ mod tests {
         let book = ReplyBook::new(challenge);
         let limited = |remaining, retry_after_secs| Denial {
             rate: Some(RateInfo {
+                policy: crate::denial::LimitName::DEFAULT,
                 burst: 5,
                 window_secs: 10,
                 remaining,

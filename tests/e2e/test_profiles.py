@@ -140,10 +140,11 @@ def test_ld_deleted_looks_unknown(lead_distro):
     assert unknown.json() == body, "a deleted key must look exactly like an unknown key"
 
 
-@ld("100 rps per key with a burst of 200, then 429 with retry-after")
+@ld("a flood is cut by the peak limit (200 rps, 60 in reserve), then 429 with retry-after")
 def test_ld_rate_limit(lead_distro, backend):
     """Four connections send as fast as they can until one sees a 429: the
-    first 200 pass, and no more than burst + rate x elapsed are admitted."""
+    peak limit refuses first, and no more than its burst + rate x elapsed
+    are admitted."""
     key = k(LD, "supplier-burst")
     stop = threading.Event()
     lock = threading.Lock()
@@ -181,17 +182,74 @@ def test_ld_rate_limit(lead_distro, backend):
     assert limited, f"no 429 after {admitted} requests in {elapsed:.2f}s"
     last = limited[0]
     check_denial(last, "rate_limited", secrets_=(key,))
-    bound = 200 + 100 * elapsed + 1
-    assert 200 <= admitted <= bound, (admitted, bound)
-    assert last.header("ratelimit-policy") == '"default";q=200;w=2', last
+    bound = 60 + 200 * elapsed + 1
+    assert 60 <= admitted <= bound, (admitted, bound)
+    assert last.header("ratelimit-policy") == '"peak";q=60;w=1', last
     assert last.header("retry-after") == "1", last
-    report(f"lead-distro rate limit: {admitted} admitted in {elapsed:.2f}s before the first 429 "
-           f"(burst 200 + 100 rps x elapsed = {bound - 1:.0f})")
-    # The bucket refills at 100/s: after 50 ms a few requests pass again.
+    report(f"lead-distro flood: {admitted} admitted in {elapsed:.2f}s before the first 429 "
+           f"(peak: 60 + 200 rps x elapsed = {bound - 1:.0f})")
+    # The peak bucket refills at 200/s: after 50 ms a few requests pass again.
     time.sleep(0.05)
     assert lead_distro.request("GET", "/api/v1/leads/lookup", [("x-api-key", key)]).status == 200
     # Another supplier's bucket was never touched.
     assert lead_distro.request("GET", "/api/v1/leads/lookup", [("x-api-key", k(LD, "supplier-bolt"))]).status == 200
+
+
+def paced(gate: Envoy, key: str, rate: float, seconds: float) -> tuple[list[tuple[int, float, str]], float]:
+    """Sends GETs on one connection, never faster than `rate` per second,
+    for `seconds`; the (index, send time, refusing limit) of each 429, and
+    the rate actually kept."""
+    gap = 1.0 / rate
+    refused: list[tuple[int, float, str]] = []
+    with gate.connect() as c:
+        t0 = time.monotonic()
+        due, i = t0, 0
+        while due - t0 < seconds:
+            now = time.monotonic()
+            if now < due:
+                time.sleep(due - now)
+            sent = time.monotonic()
+            r = c.request("GET", "/api/v1/leads/lookup?email=paced%40example.com", [("x-api-key", key)])
+            assert r.status in (200, 429), r
+            if r.status == 429:
+                refused.append((i, sent - t0, r.header("ratelimit-policy") or ""))
+            # Never two requests closer than the gap: a late one is not made up.
+            due = max(due + gap, sent + gap)
+            i += 1
+    return refused, i / (time.monotonic() - t0)
+
+
+@ld("200 rps for 10 s is never refused (100 rps sustained, 1,010 in reserve)")
+def test_ld_two_hundred_rps_for_ten_seconds(envoy_fn):
+    gate = start_profile(envoy_fn, LD)
+    refused, kept = paced(gate, k(LD, "supplier-burst"), 200, 10)
+    assert refused == [], refused[:5]
+    report(f"lead-distro 200 rps x 10 s: 0 refused ({kept:.0f} rps kept)")
+
+
+@ld("200 rps for 20 s is refused from about the 10th second, by the sustained limit")
+def test_ld_two_hundred_rps_for_twenty_seconds(envoy_fn):
+    gate = start_profile(envoy_fn, LD)
+    refused, kept = paced(gate, k(LD, "supplier-burst"), 200, 20)
+    assert refused, f"never refused at {kept:.0f} rps"
+    i, at, policy = refused[0]
+    assert policy.startswith('"sustained"'), policy
+    # GCRA: refused once the requests sent exceed 100/s x elapsed + 1010.
+    assert abs((i + 1 - 100 * at) - 1010) <= 25, (i, at)
+    if kept >= 195:
+        assert 9.5 <= at <= 11, at
+    report(f"lead-distro 200 rps x 20 s: first 429 at {at:.2f} s (request {i + 1}, {kept:.0f} rps kept)")
+
+
+@ld("300 rps is refused at once, by the peak limit")
+def test_ld_three_hundred_rps(envoy_fn):
+    gate = start_profile(envoy_fn, LD)
+    refused, kept = paced(gate, k(LD, "supplier-burst"), 300, 2)
+    assert refused, f"never refused at {kept:.0f} rps"
+    i, at, policy = refused[0]
+    assert policy.startswith('"peak"'), policy
+    assert at < 1.0, at
+    report(f"lead-distro 300 rps: first 429 at {at:.2f} s (request {i + 1}, {kept:.0f} rps kept)")
 
 
 # ===========================================================================

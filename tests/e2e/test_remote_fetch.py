@@ -285,7 +285,7 @@ def test_server_down_at_startup_then_retried(envoy_fn, server: ModuleServer, was
                 raise AssertionError("envoy admin never came up")
             down_until = time.monotonic() + 3
             while time.monotonic() < down_until:
-                seen["ready_early"] = seen.get("ready_early") or envoy._is_ready()
+                seen["ready_early"] = seen.get("ready_early") or harness.admin_ready(envoy.admin_port)
                 try:
                     status: object = envoy.request("GET", unique_path("early"), headers=[xkey(KEY)]).status
                 except (ConnectionError, OSError) as e:

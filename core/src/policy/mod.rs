@@ -5,13 +5,13 @@ use crate::attribute::AttrValue;
 use crate::config::{DefaultAction, Mode, StalePolicy};
 use crate::control::ControlPlane;
 use crate::credential::{Credential, Extractor};
-use crate::denial::{Denial, DenyCode, KeyLabel, Masked, RateInfo};
+use crate::denial::{Denial, DenyCode, KeyLabel, LimitName, Masked, RateInfo};
 use crate::error::{err, ConfigError};
 use crate::headers::{same_header, HeaderMap};
 use crate::host::Host;
 use crate::keylist::CompiledKeyList;
 use crate::keys::{KeyMeta, KeyRef, KeySet};
-use crate::ratelimit::{self, BlockedBuckets, BucketName, Limit};
+use crate::ratelimit::{self, BlockedBuckets, BucketName, NamedLimit};
 use crate::request::{is_grpc, RequestLine};
 use crate::rules::{AttachmentCheck, Effect, Requirement, Rule};
 
@@ -32,7 +32,7 @@ pub struct Policy {
     pub(crate) realm: String,
     pub(crate) max_body_bytes: usize,
     pub(crate) control_plane: Option<ControlPlane>,
-    pub(crate) default_limit: Option<Limit>,
+    pub(crate) default_limits: Vec<NamedLimit>,
     /// Control plane configured, no list yet, no static keys: 503.
     pub(crate) awaiting_list: bool,
     /// Version of the merged control-plane list, if any.
@@ -147,9 +147,12 @@ impl Policy {
         &self.keys
     }
 
-    /// The effective limit of a key: its own, else the default.
-    pub fn limit_of(&self, key: &KeyRef<'_>) -> Option<Limit> {
-        key.limit().or(self.default_limit)
+    /// The effective limits of a key: its own, else the default ones.
+    pub fn limit_of<'p>(&'p self, key: &KeyRef<'p>) -> &'p [NamedLimit] {
+        match key.limits() {
+            [] => &self.default_limits,
+            own => own,
+        }
     }
 
     /// Names this filter's buckets after its plugin name (see
@@ -456,11 +459,14 @@ impl Policy {
         // any body is buffered, so a flood is refused without buffering.
         let rate = match (
             requirement.and_then(|r| r.limit.as_ref()),
-            &self.limit_of(&key),
+            self.limit_of(&key),
         ) {
-            (Some((limit, rule)), _) => self.take(host, rule, key.id(), limit)?,
-            (None, Some(limit)) => self.take(host, "", key.id(), limit)?,
-            (None, None) => None,
+            (Some((limit, rule)), _) => {
+                self.take(host, rule, key.id(), &LimitName::DEFAULT, limit)?
+            }
+            (None, []) => None,
+            (None, [one]) => self.take(host, "", key.id(), &one.name, &one.limit)?,
+            (None, several) => self.take_all(host, key.id(), several)?,
         };
         Ok((rate, body_check))
     }

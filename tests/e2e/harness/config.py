@@ -23,6 +23,8 @@ ACCESS_LOG_FORMAT = {
     "denial": "%FILTER_STATE(wasm.keygate_denial:PLAIN)%",
     "shadow": "%FILTER_STATE(wasm.keygate_shadow:PLAIN)%",
     "key": "%FILTER_STATE(wasm.keygate_key:PLAIN)%",
+    # The case table's marker, so that a case finds its own line.
+    "case": "%REQ(X-KEYGATE-CASE)%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "upstream": "%UPSTREAM_HOST%",
 }
