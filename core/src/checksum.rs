@@ -39,7 +39,11 @@ pub fn verify(key: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn a_suffix_is_the_base62_crc32_of_the_body() {
         // zlib.crc32(b"lfk_") == 0x6133de3c == 1630789180; in base62 "1mMclI".
         assert_eq!(CRC32.checksum(b"lfk_"), 0x6133_de3c);
@@ -47,7 +51,8 @@ mod tests {
         assert_eq!(&suffix(b""), b"000000");
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn only_the_right_suffix_verifies() {
         let mut key = b"kg_live_0123456789abcdef".to_vec();
         key.extend_from_slice(&suffix(&key));

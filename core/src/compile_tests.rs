@@ -4,6 +4,14 @@
 use super::*;
 use crate::keys::digest;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
+// The profiles, embedded (shared with core/tests/cases.rs, which checks the list).
+#[path = "../tests/embedded/mod.rs"]
+mod embedded;
+use embedded::PROFILES;
+
 fn h(k: &str) -> String {
     hex::encode(digest(k.as_bytes()))
 }
@@ -19,7 +27,8 @@ fn first_error(json: &str) -> String {
     errors(json).into_iter().next().unwrap_or_default()
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn minimal_config_compiles_with_defaults() {
     let p =
         Policy::from_json(format!(r#"{{"keys":[{{"id":"a","sha256":"{}"}}]}}"#, h("k")).as_bytes())
@@ -30,7 +39,8 @@ fn minimal_config_compiles_with_defaults() {
     assert!(p.strip_credentials);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn every_validation_error_names_its_field() {
     let good = h("k");
     let cases: Vec<(String, &str)> = vec![
@@ -155,7 +165,8 @@ fn every_validation_error_names_its_field() {
     assert!(first_error(r#"{"keys":[{"id":"a","sha256":"zz"}]}"#).starts_with("keys[0].sha256"));
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn all_problems_are_reported_at_once() {
     let e = errors(
         r#"{"keys":[{"id":"","sha256":"x"}],"rate_limit":{"requests_per_second":0,"burst":0}}"#,
@@ -163,7 +174,8 @@ fn all_problems_are_reported_at_once() {
     assert_eq!(e.len(), 4, "{e:?}");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn host_patterns_that_could_never_match_are_refused() {
     for good in [
         "api.example.com",
@@ -198,22 +210,15 @@ fn host_patterns_that_could_never_match_are_refused() {
     assert!(e.contains("without port"), "{e}");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_policy_rebuilt_from_its_shared_parts_is_the_same() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../envoy/profiles");
-    let mut seen = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "json") {
-            continue;
-        }
-        let bytes = std::fs::read(&path).unwrap();
-        let (policy, rest) = Policy::from_json_shareable(&bytes).unwrap();
+    for (name, bytes) in PROFILES {
+        let (policy, rest) = Policy::from_json_shareable(bytes).unwrap();
         assert!(!String::from_utf8_lossy(&rest).contains("sha256"));
         let keys = KeyStore::from_bytes(policy.keys().fixed().as_bytes().to_vec()).unwrap();
         let rebuilt = Policy::from_parts(&rest, Arc::new(keys)).unwrap();
-        assert_eq!(format!("{policy:?}"), format!("{rebuilt:?}"), "{path:?}");
-        seen += 1;
+        assert_eq!(format!("{policy:?}"), format!("{rebuilt:?}"), "{name}");
     }
-    assert!(seen >= 4);
+    assert!(PROFILES.len() >= 4);
 }

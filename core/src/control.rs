@@ -292,6 +292,9 @@ impl Published {
 mod tests {
     use super::*;
 
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
     /// Compiles a control plane on cluster `cp`, authority `cp.local` and
     /// path `/v1/keys`, with the fields of `extra` added or replaced.
     fn compile(extra: serde_json::Value) -> (Option<ControlPlane>, Vec<String>) {
@@ -313,7 +316,8 @@ mod tests {
         }
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn max_staleness_must_outlast_one_poll_cycle() {
         let compile = |extra| compile(extra).1;
         // One hour between polls against the default 5 minutes.
@@ -338,7 +342,8 @@ mod tests {
         );
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn shared_name_names_the_list_not_the_timings() {
         let a = plane("/v1/keys", "1s").shared_name();
         assert_eq!(a, plane("/v1/keys", "1s").shared_name());
@@ -354,7 +359,8 @@ mod tests {
         assert_ne!(a, moved.shared_name());
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn classify_every_fault() {
         // First-page responses: nothing pending.
         let fetch = |status, etag, body: &[u8], truncated, current| {
@@ -409,7 +415,8 @@ mod tests {
         assert!(failed(fetch(Some(200), None, good, false, Some(6))));
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn paged_lists_are_assembled_and_checked() {
         let h = |c: char| c.to_string().repeat(64);
         let page = |version: u64, ids: &[(&str, char)], next: Option<&str>| {
@@ -515,7 +522,8 @@ mod tests {
         )));
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn lease_is_exclusive_until_it_lapses() {
         let a = Lease::claim(None, 1, 100, 50).unwrap();
         assert_eq!(
@@ -532,7 +540,8 @@ mod tests {
         assert_eq!(Lease::decode(b"short"), None);
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn published_round_trips() {
         let p = Published {
             version: 3,

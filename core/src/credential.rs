@@ -236,6 +236,9 @@ fn trim_start_spaces(v: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
     fn ex(sources: &[Source]) -> Extractor {
         Extractor::new(sources, 64, &[])
     }
@@ -252,7 +255,8 @@ mod tests {
         }
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn x_api_key_only_ignores_authorization() {
         let e = ex(&[Source::Header(b"x-api-key".to_vec())]);
         assert_eq!(
@@ -262,7 +266,8 @@ mod tests {
         assert_eq!(run(&e, &[("X-Api-Key", b"abc")]).unwrap().key, b"abc");
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn bearer_scheme_is_case_insensitive_but_key_is_not_changed() {
         let e = ex(&[Source::Bearer]);
         for v in [
@@ -275,7 +280,8 @@ mod tests {
         }
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn spaces_and_tabs_around_a_value_are_not_part_of_it() {
         let both = ex(&[Source::Header(b"x-api-key".to_vec()), Source::Bearer]);
         for h in [
@@ -299,7 +305,8 @@ mod tests {
         );
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn authorization_shapes() {
         let bearer = ex(&[Source::Bearer]);
         let both = ex(&[Source::Bearer, Source::Bare]);
@@ -334,7 +341,8 @@ mod tests {
         );
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn bad_key_bytes_are_malformed() {
         let e = ex(&[Source::Header(b"x-api-key".to_vec())]);
         let long = [b'a'; 65];
@@ -356,7 +364,8 @@ mod tests {
         assert_eq!(code(run(&e, &[("x-api-key", &[b'a'; 64])])), "ok");
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn duplicates_and_disagreement_are_ambiguous() {
         let e = ex(&[Source::Header(b"x-api-key".to_vec()), Source::Bearer]);
         assert_eq!(
@@ -377,7 +386,8 @@ mod tests {
         );
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn prefixes_are_checked() {
         let e = Extractor::new(
             &[Source::Bearer],

@@ -373,14 +373,19 @@ impl Denial {
 mod tests {
     use super::*;
 
-    #[test]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn all_lists_every_code_in_declaration_order() {
         for (i, code) in DenyCode::ALL.iter().enumerate() {
             assert_eq!(*code as usize, i, "{code:?}");
         }
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn masked_never_shows_more_than_eight_characters() {
         let m = |k: &[u8]| Masked::of(k).to_string();
         assert_eq!(m(b"lfk_sk_a1b2c3d4e5f6g7h8"), "lfk_…g7h8");

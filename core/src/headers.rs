@@ -188,7 +188,11 @@ pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    #[test]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn round_trips_including_non_utf8_values() {
         let pairs: Vec<(&[u8], &[u8])> = vec![
             (b":path", b"/x"),
@@ -201,7 +205,8 @@ mod tests {
         assert_eq!(map.get(b"X-API-KEY"), Some(&b"k1"[..]));
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn a_decoded_map_walks_like_the_pairs_it_came_from() {
         let pairs: Vec<(&[u8], &[u8])> = vec![
             (b"x-api-key", b"one"),
@@ -222,7 +227,8 @@ mod tests {
         assert_eq!(wire.iter().count(), wire.iter().count());
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn lengths_past_the_buffer_are_rejected() {
         let mut buf = encode(&[(b"a", b"b")]);
         buf[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
@@ -232,7 +238,8 @@ mod tests {
         assert!(HeaderMap::decode(&buf).is_none());
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn truncated_buffers_are_rejected_not_panicking() {
         let buf = encode(&[(b"a", b"b"), (b"cc", b"dd")]);
         for cut in 1..buf.len() {

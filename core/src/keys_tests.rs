@@ -5,6 +5,9 @@ use super::*;
 use crate::denial::LimitName;
 use crate::ratelimit::{Limit, NamedLimit};
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 fn store(keys: &[(&str, &str)]) -> Result<KeyStore, Vec<Clash>> {
     let mut b = KeyStoreBuilder::default();
     for (i, (key, id)) in keys.iter().enumerate() {
@@ -13,7 +16,8 @@ fn store(keys: &[(&str, &str)]) -> Result<KeyStore, Vec<Clash>> {
     b.build()
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn lookup_finds_exact_key_only() {
     let store = store(&[("alpha", "a"), ("beta", "b")]).unwrap();
     assert_eq!(store.lookup(b"alpha").unwrap().id(), "a");
@@ -22,7 +26,8 @@ fn lookup_finds_exact_key_only() {
     assert!(store.lookup(b"alpha ").is_none());
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn duplicates_are_reported_by_source_position() {
     let err = store(&[("x", "a"), ("y", "b"), ("x", "c"), ("z", "b")]).unwrap_err();
     let digest_clash = Clash::Digest {
@@ -40,7 +45,8 @@ fn duplicates_are_reported_by_source_position() {
     assert_eq!(err.len(), 2);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn parses_hex_digests() {
     let h = hex::encode(digest(b"k"));
     assert_eq!(parse_digest(&h), Some(digest(b"k")));
@@ -49,7 +55,8 @@ fn parses_hex_digests() {
     assert_eq!(parse_digest(&format!("{}zz", &h[..62])), None);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn profiles_are_interned_and_survive_the_wire_form() {
     let limited = Profile {
         limits: vec![NamedLimit {
@@ -91,7 +98,8 @@ fn profiles_are_interned_and_survive_the_wire_form() {
     assert!(built.as_bytes().len() < 1000 * (40 + 6) + 300);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn corrupt_wire_forms_are_refused() {
     let built = store(&[("alpha", "a"), ("beta", "b"), ("gamma", "g")]).unwrap();
     let good = built.as_bytes().to_vec();
@@ -112,7 +120,8 @@ fn corrupt_wire_forms_are_refused() {
     assert!(KeyStore::from_bytes(huge).is_none());
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn key_sets_number_static_keys_first_and_refuse_clashes() {
     let fixed = Arc::new(store(&[("s1", "static-1")]).unwrap());
     let set = KeySet::new(fixed);
@@ -141,7 +150,8 @@ fn key_sets_number_static_keys_first_and_refuse_clashes() {
     );
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn digests_sharing_a_long_prefix_are_still_ordered_and_found() {
     let mut b = KeyStoreBuilder::default();
     let mut digests = Vec::new();
@@ -159,7 +169,8 @@ fn digests_sharing_a_long_prefix_are_still_ordered_and_found() {
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn keys_with_settings_of_their_own_each_keep_theirs() {
     let mut b = KeyStoreBuilder::default();
     for i in 0..500u32 {

@@ -68,16 +68,21 @@ pub fn register(stored: &[u8], id: &str, now_ns: u64, keep_ns: u64) -> Registere
 mod tests {
     use super::*;
 
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
     const S: u64 = 1_000_000_000;
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn first_entry_on_an_empty_index() {
         let r = register(b"", "aa", 5 * S, 60 * S);
         assert_eq!(r.index, b"aa 5000000000\n");
         assert!(r.stale.is_empty());
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn recent_entries_stay_and_old_ones_are_split_off() {
         let (old, recent, new) = ("0a", "1b", "2c");
         let stored = register(b"", old, S, 60 * S).index;
@@ -88,7 +93,8 @@ mod tests {
         assert_eq!(ids, [recent, new]);
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn publishing_again_refreshes_instead_of_duplicating() {
         let stored = register(b"", "aa", S, 60 * S).index;
         let r = register(&stored, "aa", 100 * S, 60 * S);
@@ -102,7 +108,8 @@ mod tests {
         );
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn garbage_lines_are_dropped() {
         let entries = parse(b"zz-not-hex 1\nab 12\nab\n\xff\xfe 3\ncd notanumber\n");
         assert_eq!(
@@ -114,7 +121,8 @@ mod tests {
         );
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn a_clock_that_went_backwards_frees_nothing() {
         let stored = register(b"", "aa", 100 * S, 60 * S).index;
         assert!(register(&stored, "bb", 10 * S, 60 * S).stale.is_empty());

@@ -204,7 +204,11 @@ mod tests {
     use super::*;
     use crate::denial::RateInfo;
 
-    #[test]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn bodies_are_valid_json_for_every_code() {
         for code in DenyCode::ALL {
             let v: serde_json::Value = serde_json::from_str(&body(code)).unwrap();
@@ -213,7 +217,8 @@ mod tests {
         }
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn rate_limited_reply_carries_draft_headers_and_no_challenge() {
         let mut d = Denial::new(DenyCode::RateLimited, "bucket empty");
         d.rate = Some(RateInfo {
@@ -237,7 +242,8 @@ mod tests {
         assert_eq!(h("www-authenticate"), None);
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn unauthorized_reply_carries_challenge() {
         let r = render(
             &Denial::new(DenyCode::InvalidApiKey, "x"),
@@ -259,7 +265,8 @@ mod tests {
         }
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn the_book_gives_what_render_gives_for_every_code_challenge_and_protocol() {
         let book = ReplyBook::new(challenge);
         for grpc in [false, true] {
@@ -280,7 +287,8 @@ mod tests {
         }
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn grpc_callers_get_a_status_and_the_code_in_the_message() {
         let grpc = |code| {
             let d = Denial {
@@ -321,7 +329,8 @@ mod tests {
         }
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn rate_replies_follow_the_figures_and_reuse_the_last() {
         let book = ReplyBook::new(challenge);
         let limited = |remaining, retry_after_secs| Denial {

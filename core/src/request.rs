@@ -78,7 +78,11 @@ pub(crate) fn line<'a>(pairs: &'a [(&'a str, &'a str)]) -> (HeaderMap<'a>, Reque
 mod tests {
     use super::*;
 
-    #[test]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn grpc_requests_are_told_as_envoy_tells_them() {
         let grpc = |ct: &str| is_grpc(&line(&[("content-type", ct)]).0);
         assert!(grpc("application/grpc"));
@@ -89,7 +93,8 @@ mod tests {
         assert!(!is_grpc(&line(&[(":path", "/")]).0));
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn request_line_splits_path_query_and_port() {
         let (_, l) = line(&[
             (":method", "POST"),

@@ -130,7 +130,11 @@ mod tests {
     use super::*;
     use crate::request::line;
 
-    #[test]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn matcher_criteria() {
         let m = Matcher::new(&MatchConfig {
             host: Some("*.example.com".into()),
@@ -166,7 +170,8 @@ mod tests {
         assert!(!exact.matches(&p));
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn requirement_scopes_and_environment() {
         let r = Requirement {
             scopes_any_of: vec!["read".into(), "ingest".into()],

@@ -79,13 +79,17 @@ impl Tally {
 mod tests {
     use super::*;
 
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
     fn drained(t: &Tally) -> Vec<(Outcome, u64)> {
         let mut out = Vec::new();
         t.drain(|o, n| out.push((o, n)));
         out
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn drain_reports_each_outcome_once_then_starts_over() {
         let t = Tally::default();
         for _ in 0..3 {
@@ -114,7 +118,8 @@ mod tests {
         );
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn every_outcome_has_its_own_slot() {
         let t = Tally::default();
         for o in Outcome::all() {

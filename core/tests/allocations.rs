@@ -15,6 +15,9 @@ use keygate_core::testing::get_request_wire;
 use keygate_core::Host;
 use keygate_core::Policy;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 /// Counts allocations made by the current thread.
 struct Counting;
 
@@ -131,14 +134,16 @@ fn second_request_allocations(key: &str) -> (usize, usize) {
     (identity, n)
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn an_allowed_request_without_a_limit_allocates_nothing() {
     let (identity, n) = second_request_allocations(FREE);
     assert_eq!(identity, "free".len());
     assert_eq!(n, 0, "allocations on the allowed path");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn an_allowed_limited_request_allocates_only_the_bucket_copy() {
     let (identity, n) = second_request_allocations(METERED);
     assert_eq!(identity, "metered".len());

@@ -5,12 +5,16 @@
 use keygate_core::Policy;
 use serde_json::json;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 fn first_error(rule: serde_json::Value) -> String {
     let cfg = json!({"rules": [rule]});
     Policy::from_json(cfg.to_string().as_bytes()).unwrap_err()[0].to_string()
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn each_attachment_is_checked_at_its_own_path() {
     let e = first_error(json!({"match": {}, "action": "require", "attachments": [
         {"set": "campaigns", "from": {"json_body": "flo_campaign_id"}},
@@ -26,7 +30,8 @@ fn each_attachment_is_checked_at_its_own_path() {
     assert!(e.starts_with("rules[0].attachments[0].set: "), "{e}");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn attachment_and_attachments_together_are_refused() {
     let a = json!({"set": "campaigns", "from": {"query": "campaign"}});
     let e =
@@ -37,7 +42,8 @@ fn attachment_and_attachments_together_are_refused() {
     );
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn public_rules_take_no_attachments() {
     let e = first_error(json!({"match": {}, "action": "public", "attachments": [
         {"set": "campaigns", "from": {"query": "campaign"}}

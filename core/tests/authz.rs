@@ -10,6 +10,9 @@ use keygate_core::policy::{Decision, Denied, Hold};
 use keygate_core::testing::FakeHost;
 use keygate_core::{Host, Policy};
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 fn h(k: &str) -> String {
     hex::encode(digest(k.as_bytes()))
 }
@@ -84,7 +87,8 @@ fn code(p: &Policy, r: Req) -> String {
 /// What a case file cannot say: `decide_body`'s truncation flag, and that a
 /// route without a body rule never holds. The requests themselves are cases
 /// in `tests/cases/authz-core.json`.
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn body_hold_and_truncation_flag() {
     let p = policy();
     let (c, hold) = Req::new("POST", "/api/v1/ingest")
@@ -103,7 +107,8 @@ fn body_hold_and_truncation_flag() {
     assert!(none.is_none());
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn per_rule_sources_and_rate_limit_use_their_own_bucket() {
     let p = policy();
     let host = FakeHost::default();
@@ -129,7 +134,8 @@ fn per_rule_sources_and_rate_limit_use_their_own_bucket() {
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn rule_validation_names_fields() {
     let bad = [
         (
@@ -172,7 +178,8 @@ fn rule_validation_names_fields() {
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn control_plane_lists_merge_with_static_keys() {
     let base = Policy::from_json(
         serde_json::json!({
@@ -211,7 +218,8 @@ fn control_plane_lists_merge_with_static_keys() {
     assert!(clash[0].message.contains("\"static\""), "{clash:?}");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn cold_start_and_staleness_answer_503() {
     let cfg = |extra: serde_json::Value| {
         let mut v = serde_json::json!({"control_plane": {"cluster": "cp", "authority": "cp.local", "max_staleness": "10s"}});

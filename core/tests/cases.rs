@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use keygate_core::headers::HeaderMap;
 use keygate_core::policy::Decision;
@@ -13,6 +12,12 @@ use keygate_core::testing::FakeHost;
 use keygate_core::{reply, Policy};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+mod embedded;
+use embedded::CASE_FILES;
+
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
 
 /// One request as the filter would see it.
 struct Request {
@@ -88,10 +93,6 @@ fn run(config: &[u8], req: &Request) -> Result<Outcome, String> {
     })
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// `{key:NAME}` replaced by that test key, then `\xNN` by the raw byte.
 fn expand(s: &str, keys: &HashMap<String, String>) -> Vec<u8> {
     let mut text = s.to_string();
@@ -130,17 +131,17 @@ struct CaseFile {
 }
 
 impl CaseFile {
-    fn load(path: &Path) -> CaseFile {
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    fn load(name: &str, text: &[u8]) -> CaseFile {
+        let name = name.to_string();
+        let doc: Value = serde_json::from_slice(text).unwrap();
         let keys: HashMap<String, String> =
             serde_json::from_value(doc.get("keys").cloned().unwrap_or(Value::Null))
                 .unwrap_or_default();
         let config = match (doc["profile"].as_str(), doc.get("config")) {
             // The profile's bytes, unchanged.
-            (Some(p), None) => {
-                std::fs::read(repo().join(format!("envoy/profiles/{p}.json"))).unwrap()
-            }
+            (Some(p), None) => embedded::profile(p)
+                .unwrap_or_else(|| panic!("{name}: profile {p:?} not in core/tests/embedded"))
+                .to_vec(),
             (None, Some(cfg)) => {
                 let mut text = cfg.to_string();
                 for (n, k) in &keys {
@@ -344,18 +345,13 @@ impl CaseFile {
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn every_case_file() {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(repo().join("tests/cases"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    paths.sort();
-    assert!(!paths.is_empty(), "no case files");
+    assert!(!CASE_FILES.is_empty(), "no case files");
     let (mut ran, mut skipped, mut failures) = (0, 0, Vec::new());
-    for path in &paths {
-        let file = CaseFile::load(path);
+    for (name, text) in CASE_FILES {
+        let file = CaseFile::load(name, text);
         let cases = file.doc["cases"].as_array().unwrap();
         assert!(!cases.is_empty(), "{}: no cases", file.name);
         for case in cases {
@@ -394,7 +390,7 @@ fn every_case_file() {
     }
     println!(
         "case files: {} files, {ran} cases run, {skipped} e2e-only",
-        paths.len()
+        CASE_FILES.len()
     );
     assert!(
         failures.is_empty(),
@@ -402,4 +398,27 @@ fn every_case_file() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+// Reads the folders at run time: Wasm has no file system.
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+#[test]
+fn every_file_is_embedded() {
+    for (dir, files) in [
+        ("tests/cases", embedded::CASE_FILES),
+        ("envoy/profiles", embedded::PROFILES),
+    ] {
+        let path = format!("{}/../{dir}", env!("CARGO_MANIFEST_DIR"));
+        let mut on_disk: Vec<String> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        on_disk.sort();
+        let listed: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            on_disk, listed,
+            "core/tests/embedded must list every {dir}/*.json"
+        );
+    }
 }

@@ -14,6 +14,9 @@ use keygate_core::ratelimit::{CounterStore, StoreError, Versioned};
 use keygate_core::testing::{FakeHost, FakeShareHost, MemStore};
 use keygate_core::{ConfigError, Policy};
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 const S: u64 = 1_000_000_000;
 
 /// `keys_key` or `rest_key`: which part of an entry a case corrupts.
@@ -66,7 +69,8 @@ fn assert_serves_a_and_b(policy: &Policy) {
     assert_eq!(verdict(policy, "/healthz", "c"), "allowed");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn the_first_vm_compiles_and_the_others_adopt() {
     let store = MemStore::default();
     let cfg = config(&["a", "b"]);
@@ -84,7 +88,8 @@ fn the_first_vm_compiles_and_the_others_adopt() {
     assert!(first.logs.borrow().is_empty() && second.logs.borrow().is_empty());
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn another_configuration_is_compiled_not_adopted() {
     let store = MemStore::default();
     let (first, other) = (
@@ -98,7 +103,8 @@ fn another_configuration_is_compiled_not_adopted() {
     assert_ne!(id_of(&store, &first), id_of(&store, &other));
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn ids_depend_on_the_secret() {
     let cfg = config(&["a"]);
     let (one, two) = (MemStore::default(), MemStore::default());
@@ -110,7 +116,8 @@ fn ids_depend_on_the_secret() {
     assert_eq!(id_of(&one, &x), id_of(&one, &y), "same Envoy, same secret");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_corrupt_or_absent_entry_falls_back_to_compiling() {
     let cfg = config(&["a", "b"]);
     let corruptions: Vec<(&str, EntryKey, &[u8], Option<&str>)> = vec![
@@ -147,7 +154,8 @@ fn a_corrupt_or_absent_entry_falls_back_to_compiling() {
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn without_randomness_or_a_readable_chunk_nothing_is_shared() {
     let cfg = config(&["a", "b"]);
     let store = MemStore::default();
@@ -164,7 +172,8 @@ fn without_randomness_or_a_readable_chunk_nothing_is_shared() {
     assert_eq!(store.get(INDEX).unwrap(), None);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_configuration_larger_than_a_chunk_is_shared_too() {
     let mut cfg = config(&["a", "b"]);
     // JSON whitespace: another configuration byte for byte, the same policy.
@@ -183,7 +192,8 @@ fn a_configuration_larger_than_a_chunk_is_shared_too() {
     assert_serves_a_and_b(&policy);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn entries_past_the_keep_period_are_freed_by_the_next_publication() {
     let store = MemStore::default();
     let old = FakeShareHost::new(&config(&["a", "b"]), 1, S);
@@ -209,7 +219,8 @@ fn entries_past_the_keep_period_are_freed_by_the_next_publication() {
     assert_serves_a_and_b(&policy);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn the_keep_period_comes_from_the_environment_when_valid() {
     for (setting, freed) in [
         ("5", true),
@@ -257,7 +268,8 @@ impl CounterStore for Racing<'_> {
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn two_vms_starting_at_once_agree_on_one_secret() {
     let store = MemStore::default();
     let cfg = config(&["a", "b"]);
@@ -275,7 +287,8 @@ fn two_vms_starting_at_once_agree_on_one_secret() {
     assert_eq!(store.get(SECRET).unwrap().unwrap().0, [9u8; 16]);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn two_vms_creating_the_index_at_once_both_get_listed() {
     let store = MemStore::default();
     let rival = FakeShareHost::new(&config(&["a"]), 1, S);
@@ -295,7 +308,8 @@ fn two_vms_creating_the_index_at_once_both_get_listed() {
     assert!(me.logged(Level::Warn).is_empty());
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn invalid_or_unreadable_configurations_report_errors_and_publish_nothing() {
     let store = MemStore::default();
     let vm = FakeShareHost::new(br#"{"keys": 3}"#, 1, S);

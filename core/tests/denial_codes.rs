@@ -6,9 +6,13 @@
 use keygate_core::DenyCode;
 use serde_json::Value;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 const TABLE: &str = include_str!("../../tests/denial_codes.json");
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn denial_codes_json_equals_the_core_table() {
     let table: Value = serde_json::from_str(TABLE).unwrap();
     let rows: Vec<(String, u64)> = table["codes"]
@@ -58,7 +62,8 @@ fn declared_at(code: DenyCode) -> usize {
 /// How many arms `declared_at` has.
 const VARIANTS: usize = 16;
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn all_lists_every_variant() {
     assert_eq!(DenyCode::ALL.len(), VARIANTS);
     for (i, code) in DenyCode::ALL.iter().enumerate() {

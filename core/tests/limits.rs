@@ -11,6 +11,9 @@ use keygate_core::testing::FakeHost;
 use keygate_core::Policy;
 use serde_json::{json, Value};
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 fn h(k: &str) -> String {
     hex::encode(digest(k.as_bytes()))
 }
@@ -42,13 +45,15 @@ fn pace(p: &Policy, host: &FakeHost, n: usize, gap_ns: u64) -> Vec<(usize, Strin
     refused
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn two_hundred_rps_for_ten_seconds_is_never_refused() {
     let refused = pace(&lead_distro(), &FakeHost::default(), 2_000, 5_000_000);
     assert_eq!(refused, []);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn two_hundred_rps_for_twenty_seconds_is_refused_from_about_the_tenth_second() {
     let refused = pace(&lead_distro(), &FakeHost::default(), 4_000, 5_000_000);
     let (first, limit) = refused.first().unwrap();
@@ -63,7 +68,8 @@ fn two_hundred_rps_for_twenty_seconds_is_refused_from_about_the_tenth_second() {
     );
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn three_hundred_rps_is_refused_at_once_by_the_peak_limit() {
     let refused = pace(&lead_distro(), &FakeHost::default(), 300, 3_333_333);
     let (first, limit) = refused.first().unwrap();
@@ -74,7 +80,8 @@ fn three_hundred_rps_is_refused_at_once_by_the_peak_limit() {
     assert_eq!(limit, "peak");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_request_one_limit_refuses_spends_no_token_of_another() {
     // fast: 2 per 200 s (a token every 100 s); slow: 3 per 3000 s (every 1000 s).
     let p = policy(json!([
@@ -94,7 +101,8 @@ fn a_request_one_limit_refuses_spends_no_token_of_another() {
     assert_eq!(pace(&p, &host, 1, 0), [(0, "slow".to_string())]);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_long_window_is_a_quota() {
     let p = policy(json!([
         {"name": "per-second", "requests": 50, "per": "1s"},
@@ -108,7 +116,8 @@ fn a_long_window_is_a_quota() {
     );
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn the_429_names_the_refusing_limit_in_its_headers() {
     let p = lead_distro();
     let host = FakeHost::default();
@@ -132,7 +141,8 @@ fn the_429_names_the_refusing_limit_in_its_headers() {
     assert!(get("ratelimit").unwrap().starts_with("\"peak\";r=0;t="));
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn limit_lists_are_checked_with_their_paths() {
     let first_error =
         |cfg: Value| Policy::from_json(cfg.to_string().as_bytes()).unwrap_err()[0].to_string();

@@ -9,6 +9,9 @@ use keygate_core::testing::FakeHost;
 use keygate_core::Policy;
 use serde_json::{json, Value};
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 fn h(k: &str) -> String {
     hex::encode(digest(k.as_bytes()))
 }
@@ -98,7 +101,8 @@ fn run(p: &Policy, host: &FakeHost, path: &str, headers: &[(&str, &str)]) -> See
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn shadow_reports_exactly_what_enforce_refuses_and_forwards_it() {
     let (enforce, shadow) = (policy(&config("enforce")), policy(&config("shadow")));
     let (he, hs) = (FakeHost::default(), FakeHost::default());
@@ -114,7 +118,8 @@ fn shadow_reports_exactly_what_enforce_refuses_and_forwards_it() {
     assert_eq!(refused, 8, "every kind of refusal is in the set");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn in_shadow_only_a_valid_key_gets_an_identity_and_nothing_spoofed_passes() {
     let p = policy(&config("shadow"));
     let host = FakeHost::default();
@@ -146,7 +151,8 @@ fn in_shadow_only_a_valid_key_gets_an_identity_and_nothing_spoofed_passes() {
     assert_eq!(s.removed, ["authorization", "x-api-key", "x_api_key-ID"]);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn shadow_spends_rate_limit_tokens_as_enforce_does() {
     let (enforce, shadow) = (policy(&config("enforce")), policy(&config("shadow")));
     let (he, hs) = (FakeHost::default(), FakeHost::default());
@@ -174,7 +180,8 @@ fn shadow_spends_rate_limit_tokens_as_enforce_does() {
     );
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_key_overrides_its_rule_and_a_rule_overrides_the_top_level() {
     let mut cfg = config("enforce");
     cfg["rules"][1]["mode"] = json!("shadow");
@@ -204,7 +211,8 @@ fn a_key_overrides_its_rule_and_a_rule_overrides_the_top_level() {
     assert_eq!((s.code, s.forwarded), (Some("expired_api_key"), false));
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_body_refusal_in_shadow_is_reported_and_forwarded() {
     for (mode, want) in [
         ("shadow", Ok(Some("not_attached"))),
@@ -231,7 +239,8 @@ fn a_body_refusal_in_shadow_is_reported_and_forwarded() {
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_mode_that_is_not_enforce_or_shadow_names_its_field() {
     for (cfg, field) in [
         (json!({"mode": "report"}), "mode"),

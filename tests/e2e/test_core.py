@@ -262,34 +262,6 @@ def test_post_body_passes_through(gate, backend):
     assert backend.only(p).body == b"payload-123"
 
 
-def _module_exports(path) -> set[str]:
-    """Names in the export section of a wasm module."""
-    data = path.read_bytes()
-
-    def leb(i: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            byte = data[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value, i
-
-    i, names = 8, set()
-    while i < len(data):
-        section, i = data[i], i + 1
-        size, i = leb(i)
-        if section == 7:
-            count, j = leb(i)
-            for _ in range(count):
-                n, j = leb(j)
-                names.add(data[j : j + n].decode())
-                _, j = leb(j + n + 1)
-        i += size
-    return names
-
-
 def test_the_module_exports_no_response_callback(wasm, gate, backend):
     """Envoy calls a filter only for the callbacks its module exports: the
     build keeps those src/exports.txt lists, so no response passes through
@@ -299,7 +271,7 @@ def test_the_module_exports_no_response_callback(wasm, gate, backend):
         for line in (harness.REPO_ROOT / "src" / "exports.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    exports = _module_exports(wasm)
+    exports = set(harness.wasm_exports(wasm))
     assert exports == listed, sorted(exports ^ listed)
     assert not [n for n in exports if n.startswith("proxy_on_response")]
     p = unique_path()

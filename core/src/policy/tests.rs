@@ -8,11 +8,15 @@ use crate::keys::digest;
 use crate::ratelimit::CounterStore;
 use crate::testing::FakeHost;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 fn h(k: &str) -> String {
     hex::encode(digest(k.as_bytes()))
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn decide_rate_limits_per_key_and_fails_closed_on_store_errors() {
     struct Broken;
     impl CounterStore for Broken {
@@ -63,7 +67,8 @@ fn decide_rate_limits_per_key_and_fails_closed_on_store_errors() {
     assert_eq!(run(b"ka", &BrokenHost(Broken)), "rate_limited");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_key_id_with_a_slash_does_not_share_a_rule_bucket() {
     // Key "metered/b" has a limit of its own; rule "metered" limits key "b".
     // Both buckets once were `keygate/rl/metered/b`.
@@ -92,7 +97,8 @@ fn a_key_id_with_a_slash_does_not_share_a_rule_bucket() {
     assert_eq!(run(b"k-slash", b"/other"), "rate_limited");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn filters_with_other_plugin_names_keep_their_own_buckets() {
     // Two filters in one VM (one counter store), each listing key "k"
     // with a burst of 2: apart by plugin name, together under one name.
@@ -127,7 +133,8 @@ fn filters_with_other_plugin_names_keep_their_own_buckets() {
     );
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_refusal_names_the_key_by_id_or_masked_never_in_full() {
     let p = Policy::from_json(
             format!(

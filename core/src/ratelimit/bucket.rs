@@ -72,7 +72,11 @@ impl BucketName {
 mod tests {
     use super::*;
 
-    #[test]
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn bucket_names_are_built_without_allocation_limits_checked() {
         let scope = bucket_scope("keygate");
         assert_eq!(
@@ -89,7 +93,8 @@ mod tests {
         assert!(BucketName::new(&longest, &"r".repeat(64), &"i".repeat(128)).is_some());
     }
 
-    #[test]
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn bucket_scopes_never_hold_a_slash_and_keep_names_apart() {
         assert_eq!(bucket_scope(""), "keygate/rl//");
         assert_eq!(

@@ -6,6 +6,9 @@ use super::*;
 use crate::testing::MemStore;
 use std::cell::Cell;
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 const S: u64 = NANOS;
 
 /// A store that lets a rival VM run in the gap after this VM's first
@@ -37,7 +40,8 @@ impl CounterStore for RivalInTheGap<'_> {
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_bucket_created_by_a_rival_in_the_gap_keeps_its_token() {
     let store = MemStore::default();
     let racing = RivalInTheGap {
@@ -89,7 +93,8 @@ fn take_with_memo(
     o
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_remembered_block_refuses_without_a_read_and_with_the_same_figures() {
     let l = Limit::new(1.0, 2);
     let shared = MemStore::default();
@@ -124,7 +129,8 @@ fn a_remembered_block_refuses_without_a_read_and_with_the_same_figures() {
     assert!(take_with_memo(&memo, &store, "k", &l, now + S).allowed);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn vms_with_memos_decide_exactly_as_the_shared_bucket_alone() {
     // Three VMs, each with its memo, over one store, against a reference
     // that always reads the store: same decisions, same figures, in a
@@ -160,7 +166,8 @@ fn vms_with_memos_decide_exactly_as_the_shared_bucket_alone() {
     assert!(refused > 1_000, "the run must refuse often: {refused}");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn the_memo_stays_bounded() {
     let l = Limit::new(0.001, 1);
     let store = MemStore::default();
@@ -175,7 +182,8 @@ fn the_memo_stays_bounded() {
     assert!(!memo.is_empty());
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn burst_then_refill() {
     let l = Limit::new(2.0, 3);
     let store = MemStore::default();
@@ -193,7 +201,8 @@ fn burst_then_refill() {
     assert!(!take_shared(&store, "k", &l, now + S / 2).unwrap().allowed);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn remaining_counts_down() {
     let l = Limit::new(10.0, 4);
     let r: Vec<u64> = (0..4)
@@ -207,7 +216,8 @@ fn remaining_counts_down() {
     assert_eq!(r, [3, 2, 1, 0]);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn retry_after_rounds_up_and_is_at_least_one() {
     let l = Limit::new(0.1, 1); // one per 10 s
     let o1 = take(&l, 0, 50 * S);
@@ -219,14 +229,16 @@ fn retry_after_rounds_up_and_is_at_least_one() {
     assert_eq!(o3.info.retry_after_secs, 1);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn clock_going_backwards_does_not_mint_tokens() {
     let l = Limit::new(1.0, 1);
     let o = take(&l, 0, 10 * S);
     assert!(!take(&l, o.new_tat, 9 * S).allowed);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_raised_limit_applies_within_its_own_window() {
     let slow = Limit::new(0.001, 1); // one per 1000 s
     let fast = Limit::new(100.0, 100); // window 1 s
@@ -254,7 +266,8 @@ fn a_raised_limit_applies_within_its_own_window() {
     );
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_lowered_burst_keeps_at_most_its_own_debt() {
     let big = Limit::new(1.0, 100);
     let small = Limit::new(1.0, 2);
@@ -270,7 +283,8 @@ fn a_lowered_burst_keeps_at_most_its_own_debt() {
     assert!(take_shared(&store, "k", &small, now + S).unwrap().allowed);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn under_one_limit_a_denial_writes_nothing() {
     let l = Limit::new(1.0, 3);
     let mut tat = 0;
@@ -284,6 +298,8 @@ fn under_one_limit_a_denial_writes_nothing() {
     assert!(!behind.allowed && !behind.store);
 }
 
+// Spawns threads: wasm32-unknown-unknown has none (nor has Envoy's VM).
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
 #[test]
 fn concurrent_takers_never_over_admit() {
     let l = Limit::new(1.0, 50); // no refill within the test's instant
@@ -303,7 +319,8 @@ fn concurrent_takers_never_over_admit() {
     assert_eq!(total, 50);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn ensure_bucket_keeps_existing_state() {
     let l = Limit::new(1.0, 1);
     let store = MemStore::default();

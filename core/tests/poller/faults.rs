@@ -7,6 +7,9 @@ use keygate_core::ratelimit::CounterStore;
 
 use super::{h, list, Envoy, Reply, Server, Vm, ONE_FAILURE, S};
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
 /// An Envoy whose VMs `a` (the fetcher) and `b` use list version 1 (`k1`),
 /// with `a`'s counts reset, one interval later: `a`'s next tick fetches.
 fn serving_v1() -> (Envoy, Vm, Vm) {
@@ -50,7 +53,8 @@ fn many_keys(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("key-number-{i}")).collect()
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn every_faulty_response_keeps_the_last_good_list() {
     let big = many_keys(60);
     let big: Vec<&str> = big.iter().map(String::as_str).collect();
@@ -146,7 +150,8 @@ fn every_faulty_response_keeps_the_last_good_list() {
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_callout_the_host_refuses_to_send_is_a_failed_fetch() {
     let (envoy, mut a, mut b) = serving_v1();
     a.net.refuse = Some("BadArgument".into());
@@ -162,7 +167,8 @@ fn a_callout_the_host_refuses_to_send_is_a_failed_fetch() {
     assert_kept_and_recovers("refused", &envoy, &mut a, &mut b);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_list_that_cannot_be_published_is_not_used() {
     let (envoy, mut a, mut b) = serving_v1();
     *envoy.broken.borrow_mut() = Some("/list");
@@ -175,7 +181,8 @@ fn a_list_that_cannot_be_published_is_not_used() {
     assert_eq!((a.version(), b.version()), (Some(1), Some(1)));
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn without_shared_data_for_the_lease_nobody_fetches() {
     let envoy = Envoy::new();
     *envoy.broken.borrow_mut() = Some("/lease");
@@ -198,7 +205,8 @@ fn publish_raw(envoy: &Envoy, cp: &ControlPlane, bytes: &[u8]) {
     assert!(envoy.store.set(&keys.meta, &meta.encode(), cas).unwrap());
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_corrupt_published_list_is_not_adopted() {
     let (envoy, mut a, mut b) = serving_v1();
     publish_raw(&envoy, envoy.cp(), b"KGKSnot a key store");
@@ -214,7 +222,8 @@ fn a_corrupt_published_list_is_not_adopted() {
     assert_eq!(b.verdict("k3"), "allowed");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_published_list_missing_from_shared_data_is_picked_up_when_it_appears() {
     // What a fetcher in another Envoy published, copied over in two steps.
     let elsewhere = Envoy::new();

@@ -5,7 +5,11 @@ use keygate_core::poller::{Level, Poller};
 
 use super::{list, Envoy, Reply, Server, Vm, S};
 
-#[test]
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn one_vm_fetches_once_per_interval_and_the_others_adopt_its_list() {
     let envoy = Envoy::new();
     let mut server = Server::new(1, &["k1", "k2"]);
@@ -42,7 +46,8 @@ fn one_vm_fetches_once_per_interval_and_the_others_adopt_its_list() {
     assert_eq!(a.counts.not_modified, 1);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn the_lease_is_taken_over_after_its_ttl_and_not_before() {
     // TTL: three poll intervals and the timeout, 5 s here.
     let envoy = Envoy::new();
@@ -76,7 +81,8 @@ fn the_lease_is_taken_over_after_its_ttl_and_not_before() {
     assert_eq!((a.net.sent.len(), b.net.sent.len()), (1, 2));
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_fetch_in_flight_is_not_doubled_by_later_ticks() {
     let envoy = Envoy::new();
     let mut a = Vm::new(&envoy, 1);
@@ -93,7 +99,8 @@ fn a_fetch_in_flight_is_not_doubled_by_later_ticks() {
     assert_eq!(a.verdict("k1"), "allowed");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn generations_publish_each_new_list_once() {
     let envoy = Envoy::new();
     let mut server = Server::new(4, &["k1"]);
@@ -134,7 +141,8 @@ fn generations_publish_each_new_list_once() {
     assert_eq!(b.switches, 3);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn staleness_counts_from_the_last_good_fetch_for_every_vm() {
     let envoy = Envoy::new();
     let mut server = Server::new(1, &["k1"]);
@@ -179,7 +187,8 @@ fn staleness_counts_from_the_last_good_fetch_for_every_vm() {
     assert_eq!((b.stale, b.age_s, a.stale), (false, Some(0), false));
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_reload_adopts_the_published_list_at_once() {
     let envoy = Envoy::new();
     let mut server = Server::new(3, &["k1"]);
@@ -195,7 +204,8 @@ fn a_reload_adopts_the_published_list_at_once() {
     assert_eq!(fresh.net.sent.len(), 0);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_reload_that_only_changes_timings_polls_the_same_list() {
     let envoy = Envoy::new();
     let slower =

@@ -5,7 +5,11 @@ use keygate_core::poller::{Counts, Level};
 
 use super::{list, Envoy, Reply, Server, Vm, ONE_FAILURE, S};
 
-#[test]
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_paged_list_is_applied_only_once_complete() {
     let envoy = Envoy::new();
     let mut server = Server::new(1, &["k1", "k2", "k3", "k4", "k5"]);
@@ -63,7 +67,8 @@ fn paged_update() -> (Envoy, Vm, Server) {
     (envoy, a, server)
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_page_failing_midway_keeps_the_last_good_list_and_the_next_poll_starts_over() {
     let faults: Vec<(&str, Reply)> = vec![
         ("reset", Reply::Reset),
@@ -103,7 +108,8 @@ fn a_page_failing_midway_keeps_the_last_good_list_and_the_next_poll_starts_over(
     }
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_list_that_changes_while_paging_is_refused_and_refetched() {
     let (envoy, mut a, mut server) = paged_update();
     server.version = 3;
@@ -121,7 +127,8 @@ fn a_list_that_changes_while_paging_is_refused_and_refetched() {
     assert_eq!((a.version(), a.verdict("k3")), (Some(3), "allowed".into()));
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_page_the_host_refuses_to_send_ends_the_fetch() {
     let envoy = Envoy::new();
     let mut server = Server::new(1, &["k1", "k2"]);
@@ -142,7 +149,8 @@ fn a_page_the_host_refuses_to_send_ends_the_fetch() {
     assert_eq!(a.verdict("k2"), "allowed");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn the_fetcher_keeps_its_lease_while_pages_arrive() {
     // Each page takes 3 s to come; the lease lasts 5 s from its last renewal.
     let envoy = Envoy::new();
@@ -160,7 +168,8 @@ fn the_fetcher_keeps_its_lease_while_pages_arrive() {
     assert_eq!(a.verdict("k4"), "allowed");
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn pages_count_together_against_max_list_bytes() {
     let envoy = Envoy::new();
     let ids: Vec<String> = (0..60).map(|i| format!("key-{i:03}")).collect();
@@ -183,7 +192,8 @@ fn pages_count_together_against_max_list_bytes() {
     assert_eq!(a.version(), None);
 }
 
-#[test]
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn a_control_plane_that_never_stops_paging_is_cut_off() {
     let envoy = Envoy::with_config(serde_json::json!({"max_list_bytes": 1 << 20}));
     let mut a = Vm::new(&envoy, 1);

@@ -25,6 +25,7 @@ from .denials import DENIAL_CODES_PATH, DENIAL_STATUS, check_denial
 from .h2client import H2Result, h2_exchange
 from .keys import bearer, key_entry, new_key, sha256_hex, xkey
 from .launcher import Envoy, EnvoyStartError
+from .module import wasm_exports
 from .paths import DEFAULT_WASM, REPO_ROOT, envoy_binary, wasm_path
 from .ports import free_port, free_ports
 from .process import admin_ready, envoy_command, spawn, stop_process, wait_ready
@@ -70,6 +71,7 @@ __all__ = [
     "unique_path",
     "wait_ready",
     "wait_until",
+    "wasm_exports",
     "wasm_filter",
     "wasm_path",
     "xkey",

@@ -38,12 +38,15 @@ def wasm_filter(
     *,
     root_id: Optional[str] = None,
     vm_id: str = "keygate",
+    failure_policy: str = "FAIL_RELOAD",
 ) -> dict:
     """The keygate wasm HTTP filter entry. `plugin_config` may be a dict
     (rendered as JSON) or a raw string (for malformed-JSON tests). Every
     entry loads into the VM `vm_id` (default `keygate`); `plugin` names the
     plugin and, unless `root_id` is given, its root context, so that several
-    filters can share that VM. `vm_env` sets environment variables in the VM."""
+    filters can share that VM. `vm_env` sets environment variables in the VM.
+    `failure_policy` is what Envoy does once the VM has crashed: FAIL_RELOAD
+    (the default, as shipped) starts a new one, FAIL_CLOSED keeps refusing."""
     if isinstance(plugin_config, dict):
         value = json.dumps(plugin_config)
     elif plugin_config is None:
@@ -64,7 +67,7 @@ def wasm_filter(
             "config": {
                 "name": plugin,
                 "root_id": root_id or plugin,
-                "failure_policy": "FAIL_RELOAD",
+                "failure_policy": failure_policy,
                 "allow_on_headers_stop_iteration": True,
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",

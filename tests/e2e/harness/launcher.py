@@ -72,6 +72,7 @@ class Envoy:
         more_plugin_configs: Sequence[Union[str, dict]] = (),
         drain_time_s: Optional[int] = None,
         vm_env: Optional[dict[str, str]] = None,
+        failure_policy: str = "FAIL_RELOAD",
     ):
         """`config_text`, if given, is used as the whole bootstrap (YAML) instead
         of the generated one; it may contain `{port}`, `{admin_port}` and
@@ -83,7 +84,8 @@ class Envoy:
         `access_log_entries()`. Each of `more_plugin_configs` adds one more
         keygate filter after the first, in the same VM. `drain_time_s` is
         Envoy's `--drain-time-s` (how long a replaced listener drains).
-        `vm_env` sets environment variables in the keygate VM."""
+        `vm_env` sets environment variables in the keygate VM.
+        `failure_policy` is every keygate filter's (FAIL_RELOAD or FAIL_CLOSED)."""
         self.backend_port = backend_port
         self.plugin_config = plugin_config
         self.with_wasm = with_wasm
@@ -99,6 +101,7 @@ class Envoy:
         self.more_plugin_configs = list(more_plugin_configs)
         self.drain_time_s = drain_time_s
         self.vm_env = vm_env
+        self.failure_policy = failure_policy
         self.lds_version = 0
         self.returncode: Optional[int] = None
         self.base_id = random.randint(10_000, 2_000_000_000)
@@ -212,10 +215,12 @@ class Envoy:
     def _filters(self) -> list[dict]:
         if not self.with_wasm:
             return []
+        policy = self.failure_policy
         more = [
-            wasm_filter(c, self.wasm, f"keygate-{n}", self.vm_env) for n, c in enumerate(self.more_plugin_configs, 2)
+            wasm_filter(c, self.wasm, f"keygate-{n}", self.vm_env, failure_policy=policy)
+            for n, c in enumerate(self.more_plugin_configs, 2)
         ]
-        return [wasm_filter(self.plugin_config, self.wasm, vm_env=self.vm_env)] + more
+        return [wasm_filter(self.plugin_config, self.wasm, vm_env=self.vm_env, failure_policy=policy)] + more
 
     def _write_lds(self, filters: list[dict]) -> None:
         assert self.workdir is not None
