@@ -304,16 +304,16 @@ impl HttpContext for KeygateRequest {
     }
 }
 
-/// Strips credentials and spoofed identity copies, sets the identity.
-/// False if the identity could not be set.
+/// Strips credentials and spoofed copies, sets the identity and the
+/// forwarded key fields. False if one of them could not be set.
 fn apply_edits(edits: &Edits<'_, '_>) -> bool {
     for name in edits.remove.iter().copied().chain(edits.strip()) {
         let _ = abi::remove_request_header(name);
     }
-    match edits.identity {
-        Some((name, id)) => abi::replace_request_header(name.as_bytes(), id.as_bytes()).is_ok(),
-        None => true,
-    }
+    let identity = edits.identity.into_iter().map(|(n, v)| (n, v.into()));
+    identity
+        .chain(edits.metadata())
+        .all(|(name, value)| abi::replace_request_header(name.as_bytes(), value.as_bytes()).is_ok())
 }
 
 impl KeygateRequest {

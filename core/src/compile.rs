@@ -12,7 +12,7 @@ use crate::error::{err, parse_json, ConfigError};
 use crate::headers::same_header;
 use crate::keylist::{is_word, CompiledKeys};
 use crate::keys::{KeySet, KeyStore};
-use crate::policy::Policy;
+use crate::policy::{ForwardField, Policy};
 use crate::ratelimit::{bucket_scope, compile_limits, BlockedBuckets, Limit};
 use crate::rules::{AttachmentCheck, Effect, Matcher, Requirement, Rule};
 
@@ -68,38 +68,36 @@ impl Policy {
             &mut errors,
         );
 
-        let identity = cfg.identity_header.to_ascii_lowercase();
-        if !is_header_name(&identity) {
-            errors.push(err(
-                "identity_header",
-                format!("{:?} is not a valid header name", cfg.identity_header),
-            ));
-        }
-        if let Some(why) = managed_header(&identity) {
-            errors.push(err(
-                "identity_header",
-                format!("{:?} cannot carry the key id: {why}", cfg.identity_header),
-            ));
-        }
-        // Client copies of the identity header are removed in every spelling
-        // (`_` for `-`), so a credential header spelled alike would go too.
-        let credential_header = |sources: &[SourceConfig]| {
-            sources.iter().any(|s| {
-                matches!(s, SourceConfig::Header { name } if same_header(name.as_bytes(), identity.as_bytes()))
-            })
-        };
-        if credential_header(&cfg.credential_sources)
-            || cfg.rules.iter().any(|r| {
-                r.credential_sources
-                    .as_deref()
-                    .is_some_and(credential_header)
-            })
-            || same_header(identity.as_bytes(), b"authorization")
-        {
-            errors.push(err(
-                "identity_header",
-                "must differ from every credential header, also when spelled with '_' for '-'",
-            ));
+        let identity = backend_header(
+            &cfg.identity_header,
+            "identity_header",
+            "the key id",
+            cfg,
+            &mut errors,
+        );
+        let mut forward: Vec<(String, ForwardField)> = Vec::new();
+        for (field, name, what) in [
+            (
+                ForwardField::Environment,
+                &cfg.forward.environment,
+                "environment",
+            ),
+            (ForwardField::Scopes, &cfg.forward.scopes, "scopes"),
+        ] {
+            let Some(name) = name else { continue };
+            let path = format!("forward.{what}");
+            let header = backend_header(name, &path, "a key field", cfg, &mut errors);
+            let taken = same_header(header.as_bytes(), identity.as_bytes())
+                || forward
+                    .iter()
+                    .any(|(h, _)| same_header(h.as_bytes(), header.as_bytes()));
+            if taken {
+                errors.push(err(
+                    path,
+                    "must differ from identity_header and the other forwarded headers",
+                ));
+            }
+            forward.push((header, field));
         }
         if !(1..=4096).contains(&cfg.max_key_length) {
             errors.push(err("max_key_length", "must be between 1 and 4096"));
@@ -149,6 +147,7 @@ impl Policy {
                     rules,
                     default_action: cfg.default_action,
                     identity_header: identity,
+                    forward,
                     strip_credentials: cfg.strip_credentials,
                     www_authenticate,
                     realm: cfg.realm.clone(),
@@ -164,6 +163,48 @@ impl Policy {
             _ => Err(errors),
         }
     }
+}
+
+/// Checks a header keygate sets for the backend (the identity, a forwarded
+/// key field) at `field`; returns it lowercased. Client copies of it are
+/// removed in every spelling (`_` for `-`), so a credential header spelled
+/// alike would go too.
+fn backend_header(
+    name: &str,
+    field: &str,
+    carries: &str,
+    cfg: &PluginConfig,
+    errors: &mut Vec<ConfigError>,
+) -> String {
+    let header = name.to_ascii_lowercase();
+    if !is_header_name(&header) {
+        errors.push(err(field, format!("{name:?} is not a valid header name")));
+    }
+    if let Some(why) = managed_header(&header) {
+        errors.push(err(
+            field,
+            format!("{name:?} cannot carry {carries}: {why}"),
+        ));
+    }
+    let credential_header = |sources: &[SourceConfig]| {
+        sources.iter().any(|s| {
+            matches!(s, SourceConfig::Header { name } if same_header(name.as_bytes(), header.as_bytes()))
+        })
+    };
+    if credential_header(&cfg.credential_sources)
+        || cfg.rules.iter().any(|r| {
+            r.credential_sources
+                .as_deref()
+                .is_some_and(credential_header)
+        })
+        || same_header(header.as_bytes(), b"authorization")
+    {
+        errors.push(err(
+            field,
+            "must differ from every credential header, also when spelled with '_' for '-'",
+        ));
+    }
+    header
 }
 
 fn compile_sources(

@@ -57,6 +57,22 @@ pub struct Config<Keys> {
     /// `enforce` (default) or `shadow`; a rule or a key record may override it.
     #[serde(default)]
     pub mode: Mode,
+    /// Key fields forwarded to the backend, each in a header of its own.
+    #[serde(default)]
+    pub forward: ForwardConfig,
+}
+
+/// `forward`: the header that carries each forwarded key field. Client
+/// copies of these headers never reach the backend.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// The key's `environment`, e.g. `x-api-key-environment`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    /// The key's `scopes`, comma-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<String>,
 }
 
 /// The checksum keys end with, if any.

@@ -69,9 +69,11 @@ fn run(config: &[u8], req: &Request) -> Result<Outcome, String> {
                     .filter(|(n, _)| !gone.iter().any(|g| g.eq_ignore_ascii_case(n)))
                     .map(|(n, v)| (n.to_vec(), v.to_vec()))
                     .collect();
-                if let Some((name, id)) = edits.identity {
+                // Set as the filter does: replacing any copy of the same name.
+                let identity = edits.identity.map(|(n, v)| (n, std::borrow::Cow::from(v)));
+                for (name, value) in identity.into_iter().chain(edits.metadata()) {
                     forwarded.retain(|(n, _)| !n.eq_ignore_ascii_case(name.as_bytes()));
-                    forwarded.push((name.into(), id.into()));
+                    forwarded.push((name.into(), value.as_bytes().to_vec()));
                 }
                 return Ok(Outcome {
                     status: 200,

@@ -27,6 +27,8 @@ pub struct Policy {
     pub(crate) rules: Vec<Rule>,
     pub(crate) default_action: DefaultAction,
     pub(crate) identity_header: String,
+    /// Headers carrying key fields to the backend (lowercase), and which.
+    pub(crate) forward: Vec<(String, ForwardField)>,
     pub(crate) strip_credentials: bool,
     pub(crate) www_authenticate: String,
     pub(crate) realm: String,
@@ -46,6 +48,9 @@ pub struct Policy {
 }
 
 /// What to do with a request: everything the filter needs to act on it.
+/// It lives on the stack for one request; boxing the larger variant would
+/// allocate on every allowed request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Decision<'p, 'h> {
     /// Forward it after [`Allowed::edits`]; if [`Allowed::body_check`] is
@@ -119,6 +124,15 @@ pub struct Hold {
     grpc: bool,
 }
 
+/// A key field forwarded to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardField {
+    /// `environment`.
+    Environment,
+    /// `scopes`, comma-separated.
+    Scopes,
+}
+
 /// Header changes to make before forwarding an allowed request.
 #[derive(Debug, Clone)]
 pub struct Edits<'p, 'h> {
@@ -129,6 +143,8 @@ pub struct Edits<'p, 'h> {
     /// The identity header and its value (replaces any client copy); `None`
     /// on public routes.
     pub identity: Option<(&'p str, &'p str)>,
+    /// The forwarded key fields' headers, and the key they come from.
+    forward: Option<(&'p [(String, ForwardField)], &'p crate::keys::KeyMeta)>,
 }
 
 impl<'p> Edits<'p, '_> {
@@ -138,6 +154,22 @@ impl<'p> Edits<'p, '_> {
         self.strip
             .iter()
             .flat_map(|(credential, extractor)| extractor.carrier_names(credential))
+    }
+
+    /// The forwarded key fields to set: `(header, value)`, for the fields
+    /// the key has. Allocates only for scopes.
+    pub fn metadata(&self) -> impl Iterator<Item = (&'p str, std::borrow::Cow<'p, str>)> + '_ {
+        self.forward
+            .into_iter()
+            .flat_map(|(fields, meta)| fields.iter().map(move |(h, f)| (h, f, meta)))
+            .filter_map(|(header, field, meta)| {
+                let value = match field {
+                    ForwardField::Environment => meta.environment.as_deref().map(Into::into),
+                    ForwardField::Scopes if meta.scopes.is_empty() => None,
+                    ForwardField::Scopes => Some(meta.scopes.join(",").into()),
+                };
+                value.map(|v| (header.as_str(), v))
+            })
     }
 }
 
@@ -486,18 +518,25 @@ impl Policy {
         for (name, _) in headers.iter() {
             // With an identity to set, the exact name is replaced, not removed.
             let exact = name == self.identity_header.as_bytes();
-            if (identity.is_none() || !exact)
-                && same_header(name, self.identity_header.as_bytes())
-                && !remove.contains(&name)
-            {
+            let spoofed = ((identity.is_none() || !exact)
+                && same_header(name, self.identity_header.as_bytes()))
+                || self
+                    .forward
+                    .iter()
+                    .any(|(h, _)| same_header(name, h.as_bytes()));
+            if spoofed && !remove.contains(&name) {
                 remove.push(name);
             }
         }
         let strip = credential.filter(|_| self.strip_credentials);
+        let forward = key
+            .filter(|_| !self.forward.is_empty())
+            .map(|k| (self.forward.as_slice(), k.meta()));
         Edits {
             remove,
             strip,
             identity,
+            forward,
         }
     }
 }

@@ -1,0 +1,109 @@
+//! Key fields forwarded to the backend: set only from a valid key, never
+//! from the client, and checked at configuration with their paths.
+#![allow(clippy::unwrap_used)]
+
+use keygate_core::headers::HeaderMap;
+use keygate_core::keys::digest;
+use keygate_core::policy::Decision;
+use keygate_core::testing::FakeHost;
+use keygate_core::Policy;
+use serde_json::{json, Value};
+
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test;
+
+fn h(k: &str) -> String {
+    hex::encode(digest(k.as_bytes()))
+}
+
+fn policy(mode: &str) -> Policy {
+    let cfg = json!({
+        "mode": mode,
+        "forward": {"environment": "x-key-env", "scopes": "x-key-scopes"},
+        "keys": [
+            {"id": "live", "sha256": h("k-live"), "environment": "live", "scopes": ["read", "write"]},
+            {"id": "bare", "sha256": h("k-bare")}
+        ]
+    });
+    Policy::from_json(cfg.to_string().as_bytes()).unwrap()
+}
+
+/// The headers an allowed request gets set, and those it loses.
+fn sent(
+    p: &Policy,
+    headers: Vec<(&'static [u8], &'static [u8])>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let map = HeaderMap::from_pairs(headers);
+    let Decision::Allow(a) = p.decide(&map, &FakeHost::default()) else {
+        panic!("refused");
+    };
+    let set = a
+        .edits
+        .metadata()
+        .map(|(n, v)| (n.to_string(), v.into_owned()))
+        .collect();
+    let gone = a
+        .edits
+        .remove
+        .iter()
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    (set, gone)
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_valid_key_forwards_its_fields_and_client_copies_go() {
+    let (set, gone) = sent(
+        &policy("enforce"),
+        vec![
+            (b"x-api-key", b"k-live"),
+            (b"X_Key_Env", b"test"),
+            (b"x-key-scopes", b"admin"),
+        ],
+    );
+    assert_eq!(
+        set,
+        [
+            ("x-key-env".into(), "live".into()),
+            ("x-key-scopes".into(), "read,write".into())
+        ]
+    );
+    assert_eq!(gone, ["X_Key_Env", "x-key-scopes"]);
+    // A key without the fields: nothing set, client copies still removed.
+    let (set, gone) = sent(
+        &policy("enforce"),
+        vec![(b"x-api-key", b"k-bare"), (b"x-key-env", b"live")],
+    );
+    assert_eq!(set, []);
+    assert_eq!(gone, ["x-key-env"]);
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn in_shadow_an_unknown_key_forwards_nothing() {
+    let (set, gone) = sent(
+        &policy("shadow"),
+        vec![(b"x-api-key", b"k-nope"), (b"x-key-env", b"live")],
+    );
+    assert_eq!(set, []);
+    assert_eq!(gone, ["x-key-env"]);
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn forwarded_headers_are_checked_with_their_paths() {
+    let first_error = |forward: Value| {
+        let cfg = json!({"forward": forward});
+        Policy::from_json(cfg.to_string().as_bytes()).unwrap_err()[0].to_string()
+    };
+    assert_eq!(
+        first_error(json!({"environment": "X_API_KEY_ID"})),
+        "forward.environment: must differ from identity_header and the other forwarded headers"
+    );
+    assert!(first_error(json!({"scopes": "x-envoy-scopes"}))
+        .starts_with("forward.scopes: \"x-envoy-scopes\" cannot carry a key field"));
+    assert!(first_error(json!({"environment": "x-api-key"}))
+        .starts_with("forward.environment: must differ from every credential header"));
+    assert!(first_error(json!({"label": "x-label"})).contains("unknown field `label`"));
+}
