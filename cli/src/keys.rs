@@ -33,6 +33,32 @@ pub enum KeysCommand {
     /// Status is `disabled`, `expired` (now at or past `expires_at`) or `active`.
     /// The file holds no keys, only digests, and neither is printed.
     List(ListArgs),
+    /// Replace a key with an overlap: a new key for the same consumer, printed
+    /// once, and the old key expiring after --overlap.
+    ///
+    /// Both keys work side by side under one identity (the consumer) and one
+    /// set of rate-limit buckets until the old one expires. The new record
+    /// copies the old one's settings (scopes, environment, limits, ...).
+    Rotate(RotateArgs),
+}
+
+/// Arguments of `keys rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Id of the key to replace.
+    id: String,
+    /// How long the old key keeps working, e.g. `24h`, `30m`, `7d`.
+    #[arg(long, default_value = "24h")]
+    overlap: String,
+    /// Id of the new key [default: `<consumer>-<UTC time>`].
+    #[arg(long)]
+    new_id: Option<String>,
+    /// End the new key with a checksum (see `keys create --checksum`).
+    #[arg(long)]
+    checksum: bool,
+    /// The key list file.
+    #[arg(long, value_name = "KEYS.json")]
+    file: PathBuf,
 }
 
 /// Arguments of `keys create`.
@@ -102,6 +128,7 @@ pub fn run(command: KeysCommand) -> Result<()> {
         KeysCommand::Create(args) => create(args),
         KeysCommand::Revoke(args) => revoke(args),
         KeysCommand::List(args) => list(args),
+        KeysCommand::Rotate(args) => rotate(args),
     }
 }
 
@@ -213,6 +240,110 @@ fn revoke(args: RevokeArgs) -> Result<()> {
     } else {
         eprintln!("disabled key {:?} in {file} (version {version})", args.id);
     }
+    Ok(())
+}
+
+fn rotate(args: RotateArgs) -> Result<()> {
+    let overlap_ms = keygate_core::duration::parse_duration_ms(&args.overlap)
+        .filter(|ms| *ms <= 366 * 86_400_000)
+        .ok_or_else(|| {
+            Failure::new(format!(
+                "--overlap: {:?} is not a duration up to 366d, e.g. 24h",
+                args.overlap
+            ))
+        })?;
+    let now = now_unix();
+    let old_until =
+        rfc3339(now.saturating_add(i64::try_from(overlap_ms / 1000).unwrap_or(i64::MAX)))?;
+    let stamp = OffsetDateTime::from_unix_timestamp(now)
+        .map(|t| {
+            format!(
+                "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .map_err(|e| Failure::because("cannot read the clock", e))?;
+    let file = args.file.display().to_string();
+    let mut issued: Option<(String, String)> = None;
+    let version = keyfile::update(&args.file, false, |list| {
+        let Some(i) = list.keys.iter().position(|k| k.id == args.id) else {
+            return Err(Failure::new(format!(
+                "no key with id {:?} in {file}",
+                args.id
+            )));
+        };
+        let old = &list.keys[i];
+        if old.disabled || old.revoked_at.is_some() {
+            return Err(Failure::new(format!(
+                "key {:?} is revoked: create a new key instead",
+                args.id
+            )));
+        }
+        let consumer = old.consumer.clone().unwrap_or_else(|| old.id.clone());
+        let new_id = args
+            .new_id
+            .clone()
+            .unwrap_or_else(|| format!("{consumer}-{stamp}"));
+        if list.keys.iter().any(|k| k.id == new_id) {
+            return Err(Failure::new(format!(
+                "a key with id {new_id:?} already exists in {file} (use --new-id)"
+            )));
+        }
+        let prefix = old
+            .display
+            .as_deref()
+            .and_then(|d| d.split_once('…'))
+            .map_or("sk_", |(p, _)| p)
+            .to_string();
+        keygen::check_prefix(&prefix).map_err(|e| Failure::because("the old key's prefix", e))?;
+        let key = keygen::new_key(
+            &prefix,
+            keygen::RANDOM_CHARS,
+            Alphabet::Base62,
+            args.checksum,
+        )?;
+        let new = KeyConfig {
+            id: new_id.clone(),
+            sha256: hex::encode(keygate_core::keys::digest(key.as_bytes())),
+            display: Some(keygen::display(&prefix, &key)),
+            consumer: Some(consumer.clone()),
+            ..old.clone()
+        };
+        let old = &mut list.keys[i];
+        old.consumer = Some(consumer);
+        // The old key ends at the overlap, or earlier if it already did.
+        let ends_sooner = old
+            .expires_at
+            .as_deref()
+            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+            .is_some_and(|t| {
+                t.unix_timestamp() <= now + i64::try_from(overlap_ms / 1000).unwrap_or(i64::MAX)
+            });
+        if !ends_sooner {
+            old.expires_at = Some(old_until.clone());
+        }
+        list.keys.push(new);
+        issued = Some((new_id, key));
+        Ok(true)
+    })?;
+    let Some((new_id, key)) = issued else {
+        return Err(Failure::new("no key was issued"));
+    };
+    if let Err(e) = print_stdout(&format!("{key}\n")) {
+        eprintln!(
+            "warning: key {new_id:?} was stored but could not be shown; delete it with: keygate keys revoke {new_id} --delete --file {file}"
+        );
+        return Err(e);
+    }
+    eprintln!(
+        "rotated {:?}: new key {new_id:?} in {file} (version {version}), shown only this once; {:?} works until {old_until}",
+        args.id, args.id
+    );
     Ok(())
 }
 
@@ -344,10 +475,15 @@ fn printable(s: &str) -> String {
 
 /// Now, as the RFC 3339 text `revoked_at` holds.
 fn now_rfc3339() -> Result<String> {
-    OffsetDateTime::from_unix_timestamp(now_unix())
+    rfc3339(now_unix())
+}
+
+/// Unix seconds as RFC 3339 text.
+fn rfc3339(unix: i64) -> Result<String> {
+    OffsetDateTime::from_unix_timestamp(unix)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
-        .ok_or_else(|| Failure::new("cannot format the current time"))
+        .ok_or_else(|| Failure::new("cannot format the time"))
 }
 
 fn now_unix() -> i64 {

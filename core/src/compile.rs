@@ -13,7 +13,7 @@ use crate::headers::same_header;
 use crate::keylist::{is_word, CompiledKeys};
 use crate::keys::{KeySet, KeyStore};
 use crate::policy::{ForwardField, Policy};
-use crate::ratelimit::{bucket_scope, compile_limits, BlockedBuckets, Limit};
+use crate::ratelimit::{bucket_scope, compile_limits, consumer_scope, BlockedBuckets, Limit};
 use crate::rules::{AttachmentCheck, Effect, Matcher, Requirement, Rule};
 
 /// The plugin configuration, its key records compiled while they are parsed.
@@ -76,17 +76,18 @@ impl Policy {
             &mut errors,
         );
         let mut forward: Vec<(String, ForwardField)> = Vec::new();
-        for (field, name, what) in [
+        let key_id = Some(cfg.key_id_header.clone());
+        for (field, name, path) in [
+            (ForwardField::KeyId, &key_id, "key_id_header"),
             (
                 ForwardField::Environment,
                 &cfg.forward.environment,
-                "environment",
+                "forward.environment",
             ),
-            (ForwardField::Scopes, &cfg.forward.scopes, "scopes"),
+            (ForwardField::Scopes, &cfg.forward.scopes, "forward.scopes"),
         ] {
             let Some(name) = name else { continue };
-            let path = format!("forward.{what}");
-            let header = backend_header(name, &path, "a key field", cfg, &mut errors);
+            let header = backend_header(name, path, "a key field", cfg, &mut errors);
             let taken = same_header(header.as_bytes(), identity.as_bytes())
                 || forward
                     .iter()
@@ -156,6 +157,7 @@ impl Policy {
                     default_limits,
                     list_version: None,
                     bucket_scope: bucket_scope(""),
+                    consumer_scope: consumer_scope(&bucket_scope("")),
                     mode: cfg.mode,
                     blocked: BlockedBuckets::default(),
                 })

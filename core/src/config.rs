@@ -60,6 +60,14 @@ pub struct Config<Keys> {
     /// Key fields forwarded to the backend, each in a header of its own.
     #[serde(default)]
     pub forward: ForwardConfig,
+    /// For a key with a `consumer`, the header that carries the key's own id
+    /// (the identity header then carries the consumer).
+    #[serde(default = "default_key_id_header")]
+    pub key_id_header: String,
+}
+
+fn default_key_id_header() -> String {
+    "x-api-key-key-id".into()
 }
 
 /// `forward`: the header that carries each forwarded key field. Client
@@ -279,6 +287,10 @@ pub struct KeyConfig {
     /// Mode of this key's refusals, over the rule's and the top-level `mode`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// The consumer this key belongs to: keys of one consumer share the
+    /// identity the backend sees and their rate-limit buckets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
 }
 
 /// A token-bucket rate limit.

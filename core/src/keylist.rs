@@ -268,6 +268,7 @@ fn has_meta(k: &KeyConfig) -> bool {
         || !k.attachments.is_empty()
         || k.environment.is_some()
         || k.mode.is_some()
+        || k.consumer.is_some()
 }
 
 /// Duplicate ids involving a record that failed to compile (duplicates among
@@ -329,6 +330,14 @@ fn compile_meta(k: &KeyConfig, field: &str, errors: &mut Vec<ConfigError>) -> Ke
             }
         }
     });
+    if let Some(c) = &k.consumer {
+        if c.is_empty() || c.len() > MAX_ID_LEN || !c.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            errors.push(err(
+                format!("{field}.consumer"),
+                "must be 1-128 visible ASCII characters",
+            ));
+        }
+    }
     if let Some(t) = &k.revoked_at {
         if let Err(e) =
             time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
@@ -384,6 +393,7 @@ fn compile_meta(k: &KeyConfig, field: &str, errors: &mut Vec<ConfigError>) -> Ke
         attachments,
         environment: k.environment.clone(),
         mode: k.mode,
+        consumer: k.consumer.clone(),
     }
 }
 

@@ -68,6 +68,9 @@ pub struct KeyMeta {
     /// Mode of this key's refusals, if the record sets one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// The consumer the key belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
 }
 
 impl KeyMeta {

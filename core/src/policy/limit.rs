@@ -12,14 +12,13 @@ impl Policy {
     pub(super) fn take(
         &self,
         host: &dyn Host,
+        (scope, id): (&str, &str),
         rule: &str,
-        id: &str,
         name: &LimitName,
         limit: &Limit,
     ) -> Result<Option<RateInfo>, Denial> {
         let closed = |reason| closed(name, limit, reason);
-        let bucket =
-            BucketName::new(&self.bucket_scope, rule, id).ok_or(closed("bucket name too long"))?;
+        let bucket = BucketName::new(scope, rule, id).ok_or(closed("bucket name too long"))?;
         let now = host
             .monotonic_ns()
             .ok_or(closed("monotonic clock unavailable (failing closed)"))?;
@@ -48,15 +47,14 @@ impl Policy {
     pub(super) fn take_all(
         &self,
         host: &dyn Host,
-        id: &str,
+        (scope, id): (&str, &str),
         limits: &[NamedLimit],
     ) -> Result<Option<RateInfo>, Denial> {
         let Some(first) = limits.first() else {
             return Ok(None);
         };
         let closed = |reason| closed(&first.name, &first.limit, reason);
-        let bucket =
-            BucketName::new(&self.bucket_scope, "", id).ok_or(closed("bucket name too long"))?;
+        let bucket = BucketName::new(scope, "", id).ok_or(closed("bucket name too long"))?;
         let now = host
             .monotonic_ns()
             .ok_or(closed("monotonic clock unavailable (failing closed)"))?;

@@ -41,6 +41,8 @@ pub struct Policy {
     pub(crate) list_version: Option<u64>,
     /// Start of this filter's bucket names, from [`ratelimit::bucket_scope`].
     pub(crate) bucket_scope: String,
+    /// Start of this filter's consumer bucket names.
+    pub(crate) consumer_scope: String,
     /// Buckets this VM found blocked: their 429s skip the shared-data read.
     pub(crate) blocked: BlockedBuckets,
     /// Top-level mode of refusals.
@@ -127,6 +129,8 @@ pub struct Hold {
 /// A key field forwarded to the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardField {
+    /// The key's id, for a key with a consumer (whose identity is the consumer).
+    KeyId,
     /// `environment`.
     Environment,
     /// `scopes`, comma-separated.
@@ -144,7 +148,7 @@ pub struct Edits<'p, 'h> {
     /// on public routes.
     pub identity: Option<(&'p str, &'p str)>,
     /// The forwarded key fields' headers, and the key they come from.
-    forward: Option<(&'p [(String, ForwardField)], &'p crate::keys::KeyMeta)>,
+    forward: Option<(&'p [(String, ForwardField)], KeyRef<'p>)>,
 }
 
 impl<'p> Edits<'p, '_> {
@@ -161,9 +165,11 @@ impl<'p> Edits<'p, '_> {
     pub fn metadata(&self) -> impl Iterator<Item = (&'p str, std::borrow::Cow<'p, str>)> + '_ {
         self.forward
             .into_iter()
-            .flat_map(|(fields, meta)| fields.iter().map(move |(h, f)| (h, f, meta)))
-            .filter_map(|(header, field, meta)| {
+            .flat_map(|(fields, key)| fields.iter().map(move |(h, f)| (h, f, key)))
+            .filter_map(|(header, field, key)| {
+                let meta = key.meta();
                 let value = match field {
+                    ForwardField::KeyId => meta.consumer.as_ref().map(|_| key.id().into()),
                     ForwardField::Environment => meta.environment.as_deref().map(Into::into),
                     ForwardField::Scopes if meta.scopes.is_empty() => None,
                     ForwardField::Scopes => Some(meta.scopes.join(",").into()),
@@ -191,6 +197,7 @@ impl Policy {
     /// [`ratelimit::bucket_scope`]), so that filters sharing a VM count apart.
     pub fn scope_buckets(&mut self, plugin_name: &str) {
         self.bucket_scope = ratelimit::bucket_scope(plugin_name);
+        self.consumer_scope = ratelimit::consumer_scope(&self.bucket_scope);
     }
 
     /// The start of this filter's bucket names.
@@ -200,7 +207,17 @@ impl Policy {
 
     /// The bucket of a key's own limit.
     pub fn key_bucket(&self, key: &KeyRef<'_>) -> Option<BucketName> {
-        BucketName::new(&self.bucket_scope, "", key.id())
+        let (scope, who) = self.counted_as(key);
+        BucketName::new(scope, "", who)
+    }
+
+    /// Whose buckets a key's requests count in: its consumer's, shared by
+    /// all of the consumer's keys, else its own.
+    fn counted_as<'k>(&'k self, key: &KeyRef<'k>) -> (&'k str, &'k str) {
+        match key.meta().consumer.as_deref() {
+            Some(consumer) => (&self.consumer_scope, consumer),
+            None => (&self.bucket_scope, key.id()),
+        }
     }
 
     /// The control plane, if one is configured.
@@ -489,16 +506,15 @@ impl Policy {
         }
         // The rate limit is taken after every header-level check and before
         // any body is buffered, so a flood is refused without buffering.
+        let who = self.counted_as(&key);
         let rate = match (
             requirement.and_then(|r| r.limit.as_ref()),
             self.limit_of(&key),
         ) {
-            (Some((limit, rule)), _) => {
-                self.take(host, rule, key.id(), &LimitName::DEFAULT, limit)?
-            }
+            (Some((limit, rule)), _) => self.take(host, who, rule, &LimitName::DEFAULT, limit)?,
             (None, []) => None,
-            (None, [one]) => self.take(host, "", key.id(), &one.name, &one.limit)?,
-            (None, several) => self.take_all(host, key.id(), several)?,
+            (None, [one]) => self.take(host, who, "", &one.name, &one.limit)?,
+            (None, several) => self.take_all(host, who, several)?,
         };
         Ok((rate, body_check))
     }
@@ -513,7 +529,11 @@ impl Policy {
         key: Option<KeyRef<'p>>,
         credential: Option<(Credential<'h>, &'p Extractor)>,
     ) -> Edits<'p, 'h> {
-        let identity = key.map(|k| (self.identity_header.as_str(), k.id()));
+        // A consumer's keys show the backend one identity: the consumer.
+        let identity = key.map(|k| {
+            let who = k.meta().consumer.as_deref().unwrap_or(k.id());
+            (self.identity_header.as_str(), who)
+        });
         let mut remove: Vec<&'h [u8]> = Vec::new();
         for (name, _) in headers.iter() {
             // With an identity to set, the exact name is replaced, not removed.
@@ -531,7 +551,7 @@ impl Policy {
         let strip = credential.filter(|_| self.strip_credentials);
         let forward = key
             .filter(|_| !self.forward.is_empty())
-            .map(|k| (self.forward.as_slice(), k.meta()));
+            .map(|k| (self.forward.as_slice(), k));
         Edits {
             remove,
             strip,

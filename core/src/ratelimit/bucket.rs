@@ -21,6 +21,15 @@ const MAX_SCOPE_LEN: usize = 64;
 /// digits of its SHA-256. Rule names are never empty and never hold `/`,
 /// so no (scope, rule, key id) triple names another's bucket, whatever `/`
 /// the key id holds.
+/// Prefix of the buckets of consumers (shared by a consumer's keys): apart
+/// from key buckets, so that no consumer name and key id share a bucket.
+pub const CONSUMER_PREFIX: &str = "keygate/rc/";
+
+/// The start of a filter's consumer bucket names, from its key bucket scope.
+pub fn consumer_scope(bucket_scope: &str) -> String {
+    bucket_scope.replacen(BUCKET_PREFIX, CONSUMER_PREFIX, 1)
+}
+
 pub fn bucket_scope(plugin_name: &str) -> String {
     let mut scope = String::with_capacity(plugin_name.len());
     for c in plugin_name.chars() {

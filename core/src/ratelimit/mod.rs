@@ -9,7 +9,7 @@ mod blocked;
 mod bucket;
 
 pub use blocked::BlockedBuckets;
-pub use bucket::{bucket_scope, BucketName, BUCKET_PREFIX};
+pub use bucket::{bucket_scope, consumer_scope, BucketName, BUCKET_PREFIX, CONSUMER_PREFIX};
 
 use crate::config::RateLimitConfig;
 use crate::denial::LimitName;
