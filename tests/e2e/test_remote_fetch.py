@@ -80,8 +80,9 @@ class ModuleServer:
     """A web server for `root` on 127.0.0.1:`port`, stopped by stop() or on
     leaving a `with` block."""
 
-    def __init__(self, nginx: Optional[str], root: Path, port: int, workdir: Path):
+    def __init__(self, nginx: Optional[str], root: Path, port: int, workdir: Path, probe: str = "keygate.wasm"):
         self.nginx, self.root, self.port, self.dir = nginx, root, port, workdir
+        self.probe = probe  # the file whose HEAD says the server is up
         self.proc: Optional[subprocess.Popen] = None
         self.access_log = workdir / "access.log"
 
@@ -111,7 +112,7 @@ class ModuleServer:
         if self.proc is not None and self.proc.poll() is not None:
             return False
         try:
-            probe = urllib.request.Request(f"http://127.0.0.1:{self.port}/keygate.wasm", method="HEAD")
+            probe = urllib.request.Request(f"http://127.0.0.1:{self.port}/{self.probe}", method="HEAD")
             with urllib.request.urlopen(probe, timeout=1) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
