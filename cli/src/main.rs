@@ -7,6 +7,7 @@ mod keyfile;
 mod keygen;
 mod keys;
 mod serve;
+mod tls;
 mod validate;
 
 use std::process::ExitCode;

@@ -5,6 +5,9 @@
 //! the path of the next in `next`, and a later page requested with an
 //! `If-Match` that is no longer the list's ETag gets 412, so that the filter
 //! never assembles pages of two versions.
+//!
+//! With `--tls-cert` and `--tls-key` the listener speaks only TLS (rustls);
+//! `--client-ca` also requires a client certificate chaining to that CA.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -39,7 +42,19 @@ pub struct ServeArgs {
     /// callout responses of a few tens of megabytes; 50,000 keys are about 5 MB.
     #[arg(long, value_name = "KEYS", default_value_t = 50_000)]
     page_size: usize,
+    /// Serve TLS only, with this certificate chain (PEM, server certificate first).
+    #[arg(long, value_name = "CERT.pem", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve only clients whose certificate chains to a CA in this file (PEM); needs --tls-cert.
+    #[arg(long, value_name = "CA.pem", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
+
+/// A TLS handshake not done by then is dropped, so that idle sockets do not pile up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One loaded version of the list, ready to serve.
 #[derive(Debug)]
@@ -67,6 +82,17 @@ struct Fingerprint {
 
 /// Runs the server until the process is killed.
 pub fn run(args: ServeArgs) -> Result<()> {
+    // TLS files are checked first: a bad certificate stops the start-up.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config(&crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca: args.client_ca.as_deref(),
+            })?,
+        )),
+        _ => None,
+    };
     let name = args.keys.display().to_string();
     let first_print = fingerprint(&args.keys).map_err(|e| e.to_string());
     let first =
@@ -106,10 +132,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| Failure::because("cannot use the listening socket", e))?;
-        log(&format!("listening on http://{local}"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        log(&format!("listening on {scheme}://{local}"));
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // E.g. out of file descriptors: wait a little instead of spinning.
                     log(&format!("accept failed: {e}"));
@@ -118,19 +145,37 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 }
             };
             let shared = Arc::clone(&shared);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let snapshot = current(&shared);
-                    async move { Ok::<_, Infallible>(respond(&req, &snapshot)) }
-                });
-                // Errors here are the client's (reset, malformed request, header timeout).
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let Some(tls) = tls else {
+                    return serve_connection(stream, shared).await;
+                };
+                // A failed handshake (plain HTTP, no or untrusted client
+                // certificate) closes the connection before any request is read.
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_connection(stream, shared).await,
+                    Ok(Err(e)) => log(&format!("TLS handshake with {peer} failed: {e}")),
+                    Err(_) => log(&format!("TLS handshake with {peer} timed out")),
+                }
             });
         }
     })
+}
+
+/// Serves HTTP/1.1 requests on one connection, plain or TLS, until it closes.
+async fn serve_connection<S>(stream: S, shared: Shared)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let snapshot = current(&shared);
+        async move { Ok::<_, Infallible>(respond(&req, &snapshot)) }
+    });
+    // Errors here are the client's (reset, malformed request, header timeout).
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// The answer to one request.
