@@ -132,11 +132,17 @@ class FakeControlPlane:
 
 
 class EnvoyWithControlPlane(harness.Envoy):
-    """harness.Envoy plus a STATIC cluster `keygate_cp` for the callouts."""
+    """harness.Envoy plus a STATIC cluster `keygate_cp` for the callouts.
 
-    def __init__(self, backend_port: int, plugin_config: Any, cp_port: int, **kw: Any):
+    `cp_transport_socket`, if given, is the cluster's `transport_socket` (e.g.
+    the UpstreamTlsContext of envoy/control-plane-tls.yaml); plain HTTP without."""
+
+    def __init__(
+        self, backend_port: int, plugin_config: Any, cp_port: int, cp_transport_socket: Optional[dict] = None, **kw: Any
+    ):
         super().__init__(backend_port, plugin_config, **kw)
         self.cp_port = cp_port
+        self.cp_transport_socket = cp_transport_socket
 
     def _write_config(self) -> Path:
         path = super()._write_config()
@@ -162,6 +168,7 @@ class EnvoyWithControlPlane(harness.Envoy):
                         }
                     ],
                 },
+                **({"transport_socket": self.cp_transport_socket} if self.cp_transport_socket else {}),
             }
         )
         path.write_text(json.dumps(cfg, indent=2))
