@@ -139,6 +139,8 @@ ensure_keygate_static() {
   step "build keygate for $MUSL_TARGET (static, release)"
   (cd "$KEYGATE_ROOT" && rustup target list --installed | grep -qx "$MUSL_TARGET") \
     || (cd "$KEYGATE_ROOT" && rustup target add "$MUSL_TARGET")
+  # ring (TLS for `keygate serve`) compiles C: musl's gcc wrapper, from Debian.
+  ensure_apt_tools musl-tools x86_64-linux-musl-gcc
   (cd "$KEYGATE_ROOT" && cargo build -q --release --target "$MUSL_TARGET" -p keygate-cli)
 }
 
