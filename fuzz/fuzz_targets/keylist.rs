@@ -57,13 +57,13 @@ fn build_policy() -> Policy {
 fn record(u: &mut Unstructured<'_>) -> Result<Value> {
     let mut map = Map::new();
     let n = byte(u);
-    let id = if n % 5 == 0 {
+    let id = if n.is_multiple_of(5) {
         string(u)?
     } else {
         format!("k{}", n % 16)
     };
     map.insert("id".into(), Value::String(id));
-    let sha = if byte(u) % 6 == 0 {
+    let sha = if byte(u).is_multiple_of(6) {
         string(u)?
     } else {
         let secret = format!("s{}", byte(u) % 16);
@@ -78,7 +78,7 @@ fn record(u: &mut Unstructured<'_>) -> Result<Value> {
 }
 
 fn page(u: &mut Unstructured<'_>, last: bool) -> Result<Vec<u8>> {
-    if byte(u) % 4 == 0 {
+    if byte(u).is_multiple_of(4) {
         let len = usize::from(byte(u)) * 4;
         return Ok(u.bytes(len.min(u.len()))?.to_vec());
     }

@@ -11,7 +11,7 @@ pub fn byte(u: &mut Unstructured<'_>) -> u8 {
 
 /// Picks one of `words`, or arbitrary bytes one time in four.
 pub fn word_or_bytes<'a>(u: &mut Unstructured<'a>, words: &[&'a [u8]]) -> Result<&'a [u8]> {
-    if words.is_empty() || byte(u) % 4 == 0 {
+    if words.is_empty() || byte(u).is_multiple_of(4) {
         let len = usize::from(byte(u) % 48);
         return u.bytes(len.min(u.len()));
     }
