@@ -25,13 +25,14 @@ pub(crate) fn err(field: impl Into<String>, message: impl Into<String>) -> Confi
 }
 
 /// Deserializes JSON, naming the field of the first problem by its path
-/// (`root` when the problem is the document itself).
+/// (`root` when the problem is the document itself). The document must be
+/// the whole input: anything but whitespace after it is refused.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     root: &str,
 ) -> Result<T, Vec<ConfigError>> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let field = if matches!(path.as_str(), "." | "?" | "") {
             root.to_string()
@@ -39,5 +40,34 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
             path
         };
         vec![err(field, e.into_inner().to_string())]
-    })
+    })?;
+    de.end().map_err(|e| vec![err(root, e.to_string())])?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::keylist::compile_key_list;
+    use crate::Policy;
+
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    /// Found by the `keylist` fuzz target: a page followed by other bytes (a
+    /// NUL, a second document) was read up to the end of its first value and
+    /// the rest ignored, so two lists sent back to back counted as the first.
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn bytes_after_the_document_are_refused() {
+        let list = br#"{"version": 1, "keys": []}"#;
+        assert!(compile_key_list(list).is_ok());
+        assert!(compile_key_list(&[list.as_slice(), b" \n\t\r"].concat()).is_ok());
+        for tail in [b"\0".as_slice(), br#"{"version": 2}"#, b"x", b"]"] {
+            let e = compile_key_list(&[list.as_slice(), tail].concat()).unwrap_err();
+            assert_eq!(e[0].field, "key list", "{e:?}");
+            assert!(e[0].message.starts_with("trailing characters"), "{e:?}");
+        }
+        let e = Policy::from_json(br#"{"realm": "a"} {"realm": "b"}"#).unwrap_err();
+        assert_eq!(e[0].field, "configuration", "{e:?}");
+    }
 }

@@ -251,11 +251,14 @@ pub fn take(limit: &Limit, tat: u64, now: u64) -> Outcome {
     let capped = tat > ceiling.saturating_add(limit.interval_ns);
     let tat = if capped { ceiling } else { tat };
     let base = tat.max(now);
-    let new_tat = base.saturating_add(limit.interval_ns);
-    let ahead = new_tat - now;
-    if ahead > tolerance {
-        let wait = ahead - tolerance;
-        Outcome {
+    // A TAT past `u64::MAX` cannot be stored: saturating it would stop the
+    // bucket from filling, and admit every request. Such a request (a clock
+    // within one interval of the end of its range) is refused.
+    let next = base.checked_add(limit.interval_ns);
+    let ahead = next.map_or(u64::MAX, |t| t - now);
+    let Some(new_tat) = next.filter(|_| ahead <= tolerance) else {
+        let wait = ahead.saturating_sub(tolerance);
+        return Outcome {
             allowed: false,
             store: capped,
             new_tat: tat,
@@ -266,20 +269,19 @@ pub fn take(limit: &Limit, tat: u64, now: u64) -> Outcome {
                 remaining: 0,
                 retry_after_secs: ceil_secs(wait).max(1),
             },
-        }
-    } else {
-        Outcome {
-            allowed: true,
-            store: true,
-            new_tat,
-            info: RateInfo {
-                policy: LimitName::DEFAULT,
-                burst: limit.burst,
-                window_secs: limit.window_secs(),
-                remaining: (tolerance - ahead) / limit.interval_ns,
-                retry_after_secs: 0,
-            },
-        }
+        };
+    };
+    Outcome {
+        allowed: true,
+        store: true,
+        new_tat,
+        info: RateInfo {
+            policy: LimitName::DEFAULT,
+            burst: limit.burst,
+            window_secs: limit.window_secs(),
+            remaining: (tolerance - ahead) / limit.interval_ns,
+            retry_after_secs: 0,
+        },
     }
 }
 

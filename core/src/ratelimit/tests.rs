@@ -229,6 +229,31 @@ fn retry_after_rounds_up_and_is_at_least_one() {
     assert_eq!(o3.info.retry_after_secs, 1);
 }
 
+/// Found by the `ratelimit` fuzz target: with the clock within one interval
+/// of `u64::MAX`, the TAT saturated at `u64::MAX` and stopped moving, so
+/// every request was admitted, with `remaining` equal to the burst.
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_clock_at_the_end_of_its_range_does_not_admit_everything() {
+    let l = Limit::new(1.0, 2);
+    let now = u64::MAX - S / 2;
+    let mut tat = 0;
+    let mut admitted = 0;
+    for _ in 0..10 {
+        let o = take(&l, tat, now);
+        if o.allowed {
+            admitted += 1;
+            assert!(o.info.remaining < l.burst, "{o:?}");
+        } else {
+            assert!(o.info.retry_after_secs >= 1, "{o:?}");
+        }
+        if o.store {
+            tat = o.new_tat;
+        }
+    }
+    assert!(admitted <= l.burst, "{admitted} admitted at once");
+}
+
 #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
 #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
 fn clock_going_backwards_does_not_mint_tokens() {
