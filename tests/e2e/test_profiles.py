@@ -219,6 +219,18 @@ def paced(gate: Envoy, key: str, rate: float, seconds: float) -> tuple[list[tupl
     return refused, i / (time.monotonic() - t0)
 
 
+def first_refusal(envoy_fn, rate: float, seconds: float, limit: str) -> tuple[int, float, float]:
+    """Paces a fresh lead-distro Envoy at `rate` for `seconds`; the index and
+    time of the first 429 (which must name `limit`), and the rate kept."""
+    refused, kept = paced(start_profile(envoy_fn, LD), k(LD, "supplier-burst"), rate, seconds)
+    assert refused, f"never refused at {kept:.0f} rps"
+    i, at, policy = refused[0]
+    assert policy.startswith(f'"{limit}"'), policy
+    report(f"lead-distro {rate:.0f} rps x {seconds} s: first 429 at {at:.2f} s "
+           f"(request {i + 1}, by {limit}, {kept:.0f} rps kept)")
+    return i, at, kept
+
+
 @ld("200 rps for 10 s is never refused (100 rps sustained, 1,010 in reserve)")
 def test_ld_two_hundred_rps_for_ten_seconds(envoy_fn):
     gate = start_profile(envoy_fn, LD)
@@ -229,27 +241,17 @@ def test_ld_two_hundred_rps_for_ten_seconds(envoy_fn):
 
 @ld("200 rps for 20 s is refused from about the 10th second, by the sustained limit")
 def test_ld_two_hundred_rps_for_twenty_seconds(envoy_fn):
-    gate = start_profile(envoy_fn, LD)
-    refused, kept = paced(gate, k(LD, "supplier-burst"), 200, 20)
-    assert refused, f"never refused at {kept:.0f} rps"
-    i, at, policy = refused[0]
-    assert policy.startswith('"sustained"'), policy
+    i, at, kept = first_refusal(envoy_fn, 200, 20, "sustained")
     # GCRA: refused once the requests sent exceed 100/s x elapsed + 1010.
     assert abs((i + 1 - 100 * at) - 1010) <= 25, (i, at)
     if kept >= 195:
         assert 9.5 <= at <= 11, at
-    report(f"lead-distro 200 rps x 20 s: first 429 at {at:.2f} s (request {i + 1}, {kept:.0f} rps kept)")
 
 
 @ld("300 rps is refused at once, by the peak limit")
 def test_ld_three_hundred_rps(envoy_fn):
-    gate = start_profile(envoy_fn, LD)
-    refused, kept = paced(gate, k(LD, "supplier-burst"), 300, 2)
-    assert refused, f"never refused at {kept:.0f} rps"
-    i, at, policy = refused[0]
-    assert policy.startswith('"peak"'), policy
+    _, at, _ = first_refusal(envoy_fn, 300, 2, "peak")
     assert at < 1.0, at
-    report(f"lead-distro 300 rps: first 429 at {at:.2f} s (request {i + 1}, {kept:.0f} rps kept)")
 
 
 # ===========================================================================
