@@ -17,7 +17,8 @@
 # Environment:
 #   KEYGATE_ENVOY_IMAGE, KEYGATE_IMAGE, KEYGATE_BACKEND_IMAGE  use these images
 #                            instead of building them (see envoy/docker-compose.yaml)
-#   KEYGATE_PORT, KEYGATE_ADMIN_PORT  host ports on 127.0.0.1 (default 10000, 9901)
+#   KEYGATE_PORT, KEYGATE_TLS_PORT, KEYGATE_ADMIN_PORT
+#                                     host ports on 127.0.0.1 (default 10000, 10443, 9901)
 #   KEYGATE_COMPOSE_PROJECT  Compose project name (default keygate-demo)
 #   KEYGATE_WASM             the keygate.wasm to mount (implies --no-build)
 #   ENVOY_BIN                the Envoy binary for the local image (default: .venv's)
@@ -39,9 +40,11 @@ fi
 
 export KEYGATE_PORT="${KEYGATE_PORT:-10000}"
 export KEYGATE_ADMIN_PORT="${KEYGATE_ADMIN_PORT:-9901}"
+export KEYGATE_TLS_PORT="${KEYGATE_TLS_PORT:-10443}"
 PROJECT="${KEYGATE_COMPOSE_PROJECT:-keygate-demo}"
 URL="http://127.0.0.1:$KEYGATE_PORT"
 ADMIN="http://127.0.0.1:$KEYGATE_ADMIN_PORT"
+TLS_URL="https://127.0.0.1:$KEYGATE_TLS_PORT"
 CACHE="$KEYGATE_ROOT/target/compose"
 # This run's configuration, key list and logs (kept after exit for reading).
 export KEYGATE_COMPOSE_DIR="$CACHE/$PROJECT"
@@ -169,8 +172,8 @@ ensure_docker
 ensure_rust
 ensure_venv
 command -v curl >/dev/null || die "curl not found (Debian/Ubuntu: apt-get install curl)"
-for p in "$KEYGATE_PORT" "$KEYGATE_ADMIN_PORT"; do
-  port_free "$p" || die "127.0.0.1:$p is already in use (set KEYGATE_PORT / KEYGATE_ADMIN_PORT)"
+for p in "$KEYGATE_PORT" "$KEYGATE_TLS_PORT" "$KEYGATE_ADMIN_PORT"; do
+  port_free "$p" || die "127.0.0.1:$p is already in use (set KEYGATE_PORT / KEYGATE_TLS_PORT / KEYGATE_ADMIN_PORT)"
 done
 
 if [[ "$BUILD" == 1 ]]; then
@@ -212,15 +215,20 @@ mkdir -p "$KEYGATE_COMPOSE_DIR/envoy" "$KEYGATE_COMPOSE_DIR/keys"
 # of the container's interfaces, reach the backend and the control plane by
 # service name, load the module from the mount.
 demo_render_config "$KEYGATE_COMPOSE_DIR/envoy/envoy.yaml" \
-  -e 's/address: 127\.0\.0\.1, port_value: \(10000\|9901\)/address: 0.0.0.0, port_value: \1/' \
+  -e 's/address: 127\.0\.0\.1, port_value: \(10000\|10443\|9901\)/address: 0.0.0.0, port_value: \1/' \
   -e 's/address: 127\.0\.0\.1, port_value: 18080/address: backend, port_value: 18080/' \
   -e 's/address: 127\.0\.0\.1, port_value: 18081/address: control-plane, port_value: 18081/' \
   -e 's/type: STATIC$/type: STRICT_DNS/' \
-  -e 's|filename: target/wasm32-wasip1/release/keygate.wasm|filename: /etc/keygate/keygate.wasm|'
+  -e 's|filename: target/wasm32-wasip1/release/keygate.wasm|filename: /etc/keygate/keygate.wasm|' \
+  -e 's|filename: target/demo/tls/|filename: /etc/keygate/tls/|'
 if grep -v '^ *#' "$KEYGATE_COMPOSE_DIR/envoy/envoy.yaml" | grep -q -e '127\.0\.0\.1' -e 'type: STATIC$' -e 'filename: target/'; then
   die "envoy/envoy.yaml changed shape: the Compose rendering left a host-only setting"
 fi
 cp "$KEYGATE_WASM" "$KEYGATE_COMPOSE_DIR/envoy/keygate.wasm"
+# The HTTPS listener's certificate, made for this run. Envoy's image runs as
+# its own user, so the (throwaway) key is made readable like the rest.
+demo_make_tls "$KEYGATE_COMPOSE_DIR/envoy/tls"
+TLS_CA="$KEYGATE_COMPOSE_DIR/envoy/tls/ca.pem"
 chmod -R a+rX "$KEYGATE_COMPOSE_DIR"
 
 # The CLI in keygate's image, on the key list the control plane serves.

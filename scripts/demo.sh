@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# keygate demo: Envoy on 127.0.0.1:10000 with keygate in front of an echo
-# backend on 127.0.0.1:18080, and `keygate serve` on 127.0.0.1:18081 as the
+# keygate demo: Envoy on 127.0.0.1:10000 (and HTTPS on 127.0.0.1:10443) with
+# keygate in front of an echo backend on 127.0.0.1:18080, and `keygate serve` on 127.0.0.1:18081 as the
 # control plane for target/demo/keys.json.
 #
 #   bash scripts/demo.sh           # start, print curl commands to try, wait for Ctrl-C
@@ -8,7 +8,9 @@
 #   --no-build                     # use the keygate.wasm already built
 #
 # Two random demo keys are generated on each run; only their SHA-256 digests
-# go into the rendered Envoy configuration (target/demo/envoy.yaml).
+# go into the rendered Envoy configuration (target/demo/envoy.yaml). The
+# HTTPS listener's certificate is made at each start too, from a throwaway CA
+# (target/demo/tls/ca.pem, for curl --cacert).
 # Envoy's log: target/demo/envoy.log (keygate's decisions at debug level).
 # The keys, the curl lines and the check are shared with scripts/compose-demo.sh
 # (scripts/demo_common.sh).
@@ -24,10 +26,13 @@ demo_args "$@"
 
 # Fixed by envoy/envoy.yaml.
 LISTEN_PORT=10000
+TLS_PORT=10443
 ADMIN_PORT=9901
 BACKEND_PORT=18080
 CP_PORT=18081
 URL="http://127.0.0.1:$LISTEN_PORT"
+TLS_URL="https://127.0.0.1:$TLS_PORT"
+TLS_CA=target/demo/tls/ca.pem
 ADMIN="http://127.0.0.1:$ADMIN_PORT"
 DEMO_DIR="$KEYGATE_ROOT/target/demo"
 
@@ -89,13 +94,15 @@ step "build the keygate CLI"
 cargo build -q -p keygate-cli
 KEYGATE="$KEYGATE_ROOT/target/debug/keygate"
 
-for p in $LISTEN_PORT $ADMIN_PORT $BACKEND_PORT $CP_PORT; do
+for p in $LISTEN_PORT $TLS_PORT $ADMIN_PORT $BACKEND_PORT $CP_PORT; do
   port_free "$p" || die "127.0.0.1:$p is already in use (another demo running?)"
 done
 
 step "render target/demo/envoy.yaml with two fresh demo keys"
 mkdir -p "$DEMO_DIR"
 demo_render_config "$DEMO_DIR/envoy.yaml"
+step "make target/demo/tls/: a throwaway CA and a certificate for the HTTPS listener"
+demo_make_tls "$DEMO_DIR/tls"
 
 step "start the control plane: keygate serve on 127.0.0.1:$CP_PORT"
 rm -f "$DEMO_DIR/keys.json" "$DEMO_DIR/keys.json.lock"

@@ -5,6 +5,7 @@
 #
 # The sourcing script sets, before demo_print_curls and demo_check:
 #   URL, ADMIN         Envoy's listener and admin interface, as seen from here
+#   TLS_URL, TLS_CA    Envoy's HTTPS listener and the CA its certificate is from
 #   DEMO_DIR           a directory for the check's scratch files
 #   DEMO_CLI           the keygate command as the printed lines spell it
 #   DEMO_KEYS_FILE     the control plane's keys.json, as DEMO_CLI sees it
@@ -68,6 +69,30 @@ demo_render_config() {
   if grep -q '__DEMO_' "$out"; then die "placeholder left in $out"; fi
 }
 
+# demo_make_tls DIR: a throwaway CA (ca.pem) and a server certificate for
+# localhost and 127.0.0.1 signed by it (server.pem, server.key), valid for 7
+# days, for the demo's HTTPS listener. Made fresh at each start with the
+# openssl command; the CA's key is deleted once it has signed.
+demo_make_tls() {
+  local dir="$1"
+  command -v openssl >/dev/null || die "openssl not found (Debian/Ubuntu: apt-get install openssl)"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key
+    openssl req -x509 -new -key ca.key -out ca.pem -days 7 -subj "/CN=keygate demo CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign"
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out server.key
+    openssl req -new -key server.key -out server.csr -subj "/CN=localhost"
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+      "extendedKeyUsage=serverAuth" "subjectAltName=DNS:localhost,IP:127.0.0.1" >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem \
+      -days 7 -extfile server.ext
+    rm -f ca.key ca.srl server.csr server.ext
+  ) >/dev/null 2>&1 || die "could not make the demo's TLS certificate in $dir"
+}
+
 # demo_print_curls: the ready-to-paste lines, with this run's keys.
 demo_print_curls() {
   cat <<EOF
@@ -79,6 +104,9 @@ Demo keys (generated for this run; Envoy only knows their SHA-256):
 # 200: a valid key. The backend echoes what it got: x-api-key-id: demo-alpha, no x-api-key.
 curl -i $URL/hello -H 'x-api-key: $ALPHA_KEY'
 curl -i $URL/hello -H 'Authorization: Bearer $ALPHA_KEY'
+
+# 200 over HTTPS (TLS 1.2 or newer), trusting this run's demo CA
+curl -i --cacert $TLS_CA $TLS_URL/hello -H 'x-api-key: $ALPHA_KEY'
 
 # 401 missing_api_key: no key at all
 curl -i $URL/hello
@@ -116,6 +144,9 @@ demo_check() {
   body_has '"x-api-key-id": "demo-alpha"'
   body_lacks "$ALPHA_KEY" "the key (credential not stripped)"
   expect "alpha via Authorization: Bearer" 200 "$URL/hello" -H "Authorization: Bearer $ALPHA_KEY"
+  expect "alpha over HTTPS (TLS 1.2+)" 200 "$TLS_URL/hello" --cacert "$TLS_CA" --tlsv1.2 -H "x-api-key: $ALPHA_KEY"
+  body_has '"x-api-key-id": "demo-alpha"'
+  expect "no key over HTTPS -> missing_api_key" 401 "$TLS_URL/hello" --cacert "$TLS_CA"
   expect "no key -> missing_api_key" 401 "$URL/hello"
   body_has '"error":"missing_api_key"'
   expect "unknown key -> invalid_api_key" 401 "$URL/hello" -H 'x-api-key: kg_not_a_real_key_123'

@@ -54,12 +54,13 @@ def test_compose_demo_check(wasm: Path, tmp_path: Path) -> None:
     if reason:
         pytest.skip(reason)
     project = f"kg-e2e-{secrets.token_hex(4)}"
-    port, admin_port = harness.free_ports(2)
+    port, admin_port, tls_port = harness.free_ports(3)
     env = dict(
         os.environ,
         KEYGATE_WASM=str(wasm),
         KEYGATE_PORT=str(port),
         KEYGATE_ADMIN_PORT=str(admin_port),
+        KEYGATE_TLS_PORT=str(tls_port),
         KEYGATE_COMPOSE_PROJECT=project,
     )
     log_path = tmp_path / "compose-demo.log"

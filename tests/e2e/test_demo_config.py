@@ -1,38 +1,122 @@
 """The annotated demo configuration (envoy/envoy.yaml) as shipped: rendered
-the way scripts/demo.sh renders it, but on free ports."""
+the way scripts/demo.sh renders it, but on free ports, with a certificate made
+by the demo's own script function (scripts/demo_common.sh, demo_make_tls)."""
 
 from __future__ import annotations
 
+import http.client
 import re
+import ssl
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from harness import REPO_ROOT, Envoy, new_key, sha256_hex, unique_path, wasm_path, xkey
+from harness import REPO_ROOT, Envoy, free_ports, new_key, sha256_hex, unique_path, wasm_path, xkey
 
 ALPHA = new_key("kg_alpha_")
 BETA = new_key("kg_beta_")
 
 
-def render_demo_config() -> str:
+def make_demo_tls(dir: Path) -> None:
+    """The demo's CA and server certificate, made as scripts/demo.sh makes them."""
+    script = f'source "{REPO_ROOT}/scripts/test.sh"; source "{REPO_ROOT}/scripts/demo_common.sh"; demo_make_tls "$1"'
+    out = subprocess.run(["bash", "-c", script, "demo_make_tls", str(dir)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert {"ca.pem", "server.pem", "server.key"} <= {p.name for p in dir.iterdir()}, list(dir.iterdir())
+
+
+def render_demo_config(tls_dir: Path, tls_port: int) -> str:
     text = (REPO_ROOT / "envoy" / "envoy.yaml").read_text()
     for placeholder in ("__DEMO_ALPHA_SHA256__", "__DEMO_BETA_SHA256__"):
         assert placeholder in text, placeholder
     text = text.replace("__DEMO_ALPHA_SHA256__", sha256_hex(ALPHA))
     text = text.replace("__DEMO_BETA_SHA256__", sha256_hex(BETA))
     # The demo's fixed ports become the harness's free ones.
-    for fixed, field in (("10000", "{port}"), ("9901", "{admin_port}"), ("18080", "{backend_port}")):
+    for fixed, field in (
+        ("10000", "{port}"),
+        ("10443", str(tls_port)),
+        ("9901", "{admin_port}"),
+        ("18080", "{backend_port}"),
+    ):
         text, n = re.subn(rf"port_value: {fixed}\b", f"port_value: {field}", text)
         assert n == 1, f"expected one port_value: {fixed} in envoy/envoy.yaml"
     rel = "target/wasm32-wasip1/release/keygate.wasm"
     assert f"filename: {rel}" in text
     # Envoy runs from the repository root, as in demo.sh; honour KEYGATE_WASM.
     text = text.replace(f"filename: {rel}", f"filename: {wasm_path()}")
-    return text
+    assert text.count("filename: target/demo/tls/") == 2
+    return text.replace("filename: target/demo/tls/", f"filename: {tls_dir}/")
 
 
 @pytest.fixture(scope="module")
-def demo(envoy_factory) -> Envoy:
-    return envoy_factory(config_text=render_demo_config(), concurrency=2)
+def tls_dir(tmp_path_factory) -> Path:
+    dir = tmp_path_factory.mktemp("demo-tls") / "tls"
+    make_demo_tls(dir)
+    return dir
+
+
+@pytest.fixture(scope="module")
+def tls_port() -> int:
+    return free_ports(1)[0]
+
+
+@pytest.fixture(scope="module")
+def demo(envoy_factory, tls_dir, tls_port) -> Envoy:
+    return envoy_factory(config_text=render_demo_config(tls_dir, tls_port), concurrency=2)
+
+
+def https_get(port: int, path: str, headers: dict[str, str], context: ssl.SSLContext) -> tuple[int, bytes, str]:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read(), conn.sock.version() if conn.sock else ""
+    finally:
+        conn.close()
+
+
+def test_demo_https_listener(demo, backend, tls_dir, tls_port):
+    """The HTTPS listener runs the same keygate policy; its certificate is the
+    one the demo made, for 127.0.0.1, from the demo CA."""
+    ctx = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    p = unique_path()
+    status, _, version = https_get(tls_port, p, {"x-api-key": ALPHA, "x-api-key-id": "evil"}, ctx)
+    assert status == 200
+    assert version in ("TLSv1.2", "TLSv1.3")
+    seen = backend.only(p)
+    assert seen.values("x-api-key-id") == [b"demo-alpha"]
+    assert seen.values("x-api-key") == []
+    status, body, _ = https_get(tls_port, unique_path(), {}, ctx)
+    assert status == 401 and b"missing_api_key" in body
+    # A client that does not trust the demo CA refuses the certificate.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        https_get(tls_port, unique_path(), {}, ssl.create_default_context())
+
+
+def test_demo_https_refuses_tls_1_1(demo, tls_dir, tls_port):
+    """TLS 1.0 and 1.1 are refused by Envoy (tls_minimum_protocol_version), not
+    merely by this client: the client is allowed to offer 1.1 and nothing newer."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(tls_dir / "ca.pem"))
+    try:
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    except (ValueError, ssl.SSLError) as e:
+        pytest.skip(f"this Python's OpenSSL cannot offer TLS 1.1: {e}")
+    with pytest.raises(ssl.SSLError) as refused:
+        https_get(tls_port, unique_path(), {"x-api-key": ALPHA}, ctx)
+    # Envoy's alert says why: the version (not, say, a cipher both lack).
+    assert "PROTOCOL_VERSION" in str(refused.value), refused.value
+    # The same client allowed up to TLS 1.2 gets through: the refusal above is the version.
+    ctx12 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx12.load_verify_locations(cafile=str(tls_dir / "ca.pem"))
+    ctx12.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx12.minimum_version = ssl.TLSVersion.TLSv1_1
+    ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
+    status, _, version = https_get(tls_port, unique_path(), {"x-api-key": ALPHA}, ctx12)
+    assert (status, version) == (200, "TLSv1.2")
 
 
 def test_demo_config_mentions_what_it_must():
