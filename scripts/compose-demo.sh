@@ -87,6 +87,17 @@ image_inputs() {
   docker image inspect -f '{{index .Config.Labels "keygate.inputs"}}' "$1" 2>/dev/null || true
 }
 
+# unmount_below DIR: unmounts whatever is mounted at or below DIR, deepest
+# first. debootstrap mounts /proc (and /sys) in its target and unmounts them on
+# exit, but on a busy machine that unmount can fail and leave the host's /proc
+# inside the tree, which neither tar nor rm -rf should walk into.
+unmount_below() {
+  local dir mnt
+  dir="$(realpath -m "$1")"
+  findmnt -rn -o TARGET | awk -v d="$dir" 'index($0, d "/") == 1 || $0 == d' | sort -r \
+    | while read -r mnt; do as_root umount -l "$mnt" || true; done
+}
+
 # The rootfs tarball, made once with debootstrap (about a minute or two) and
 # kept in target/compose/; the image imported from it when missing.
 ensure_base_image() {
@@ -97,12 +108,15 @@ ensure_base_image() {
         || die "debootstrap not found and could not be installed (apt-get install debootstrap)"
     fi
     local tmp="$CACHE/rootfs.tmp"
+    unmount_below "$tmp"
     as_root rm -rf "$tmp"
     as_root debootstrap --variant=minbase --include="$ROOTFS_PACKAGES" "$DEBIAN_SUITE" "$tmp" \
       "${KEYGATE_DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$CACHE/debootstrap.log" 2>&1 \
       || { tail -n 20 "$CACHE/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/debootstrap.log)"; }
-    # Docker provides /dev; packages' caches and documentation are not needed.
-    as_root tar -C "$tmp" --numeric-owner -cf "$ROOTFS_TAR.tmp" \
+    unmount_below "$tmp"
+    # Docker provides /dev, /proc and /sys (--one-file-system: nothing mounted
+    # below the tree is read); packages' caches and documentation are not needed.
+    as_root tar -C "$tmp" --numeric-owner --one-file-system -cf "$ROOTFS_TAR.tmp" \
       --exclude=./dev --exclude='./var/cache/apt/archives/*.deb' --exclude='./var/lib/apt/lists/*_*' \
       --exclude=./usr/share/doc --exclude=./usr/share/man --exclude=./usr/share/info \
       --exclude=./usr/share/locale .
