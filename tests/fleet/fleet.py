@@ -208,16 +208,17 @@ class Fleet:
     # -- partition -------------------------------------------------------------
 
     def sample(self, envoys: list[FleetEnvoy], keys: list[str], seconds: float, every: float = 0.2) -> dict[str, dict[int, int]]:
-        """Status counts per Envoy over `seconds`, for each of `keys` in turn."""
+        """Status counts per Envoy over `seconds` (at least one round), for each of `keys` in turn."""
         counts: dict[str, dict[int, int]] = {e.node.name: {} for e in envoys}
         end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        while True:
             for e in envoys:
                 for k in keys:
                     s = e.status(k)
                     counts[e.node.name][s] = counts[e.node.name].get(s, 0) + 1
+            if time.monotonic() + every >= end:
+                return counts
             time.sleep(every)
-        return counts
 
     def partition(self, victim: FleetEnvoy, hold: float) -> dict[str, Any]:
         """Cuts `victim` off the control plane, revokes a key meanwhile, holds
@@ -236,14 +237,15 @@ class Fleet:
         out: dict[str, Any] = {"envoy": victim.node.name, "stale_policy": policy}
         try:
             self.revoke(moved_id)
-            others_got_it = wait(lambda: self.all_status(moved, others) == [401] * len(others), timeout=ONE_POLL_S + 1)
-            out["others_applied_change_s"] = round(time.monotonic() - cut_at, 3)
             gauge_first = victim.stat("keygate.control_plane.seconds_since_last_good_fetch")
-            # Until max_staleness (less a poll of margin: the last good fetch
-            # may be up to one poll older than the cut), the last good list.
-            before = max(0.0, MAX_STALENESS_S - POLL_S - TIMEOUT_S - (time.monotonic() - cut_at))
+            # Until max_staleness (less a poll and a timeout of margin: the
+            # last good fetch may be that much older than the cut), the last
+            # good list: the key revoked after the cut still works there.
+            before = MAX_STALENESS_S - POLL_S - TIMEOUT_S - 0.5 - (time.monotonic() - cut_at)
             seen_before = self.sample([victim], [good, moved], before)[victim.node.name]
             out["victim_statuses_before_max_staleness"] = seen_before
+            others_got_it = wait(lambda: self.all_status(moved, others) == [401] * len(others), timeout=ONE_POLL_S + 1)
+            out["others_applied_change_s"] = round(time.monotonic() - cut_at, 3)
             others_seen = self.sample(others, [good], 0.4)
             first_503: Optional[float] = None
             if policy == "fail_closed":
