@@ -49,6 +49,8 @@ MAX_STALENESS_S = 4.0
 # out against the cut link, and the other worker's adopting tick (a quarter
 # of the poll), plus scheduling slack on a loaded machine.
 ONE_POLL_S = POLL_S + TIMEOUT_S + POLL_S / 4 + 0.5
+# The fields the fleet-limit measurement (--limit-script) prints.
+LIMIT_FIELDS = ("fleet_admitted", "fleet_bound", "local_admitted", "local_bound")
 
 
 def say(msg: str) -> None:
@@ -477,7 +479,7 @@ class Fleet:
     # -- fleet-wide limits (another script) ----------------------------------------
 
     def fleet_limits(self) -> None:
-        fields = ("fleet_admitted", "fleet_bound", "local_admitted", "local_bound")
+        fields = LIMIT_FIELDS
         script = self.args.limit_script
         if not script or not Path(script).exists():
             self.result.update({f: None for f in fields})
@@ -511,14 +513,15 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     error: Optional[str] = None
     try:
         fleet.up()
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("propagation", lambda: fleet.propagation(5 if quick else 20)),
-            ("partition", lambda: fleet.result.setdefault("partition", []).extend(
-                [fleet.partition(fleet.envoys[0], MAX_STALENESS_S + 2), fleet.partition(fleet.envoys[-1], MAX_STALENESS_S + 2)]
-            )),
+            ("partition", lambda: fleet.result.update(partition=[
+                fleet.partition(fleet.envoys[0], MAX_STALENESS_S + 2), fleet.partition(fleet.envoys[-1], MAX_STALENESS_S + 2)
+            ])),
             ("restart", lambda: fleet.restart_under_traffic(5 if quick else 10)),
             ("bytes", lambda: fleet.bytes_per_change(2.0 if quick else 3.0)),
             ("cost", lambda: fleet.cost(5 if quick else 20, 1000, 200, 100_000)),
@@ -537,18 +540,21 @@ def run(args: argparse.Namespace) -> int:
         fleet.down()
     if error is None:
         fleet.fleet_limits()
+    else:
+        fleet.result.update({f: None for f in LIMIT_FIELDS}, fleet_limit_reason="not run: the fleet run failed first")
     r = fleet.result
     prop, costs = r.get("propagation", {}), r.get("control_plane_cost", {})
     line = {
         "quick": quick,
         "propagation_p50_s": prop.get("p50_s"),
         "propagation_p99_s": prop.get("p99_s"),
-        "partition_ok": all(v for k, v in fleet.checks.items() if k.startswith("partition_")) and "partition" in r,
+        "partition_ok": all(v for k, v in fleet.checks.items() if k.startswith("partition_")) if "partition" in r else None,
         "restart_non_200": r.get("restart", {}).get("non_200"),
         "control_plane_cpu_cores": costs.get("cpu_cores"),
         "control_plane_p99_ms": costs.get("p99_ms"),
         "bytes_per_change_fleet": r.get("bytes_per_change", {}).get("fleet_total"),
-        **{k: r.get(k) for k in ("fleet_admitted", "fleet_bound", "local_admitted", "local_bound", "fleet_limit_reason") if k in r},
+        **{k: r.get(k) for k in LIMIT_FIELDS},
+        **({"fleet_limit_reason": r["fleet_limit_reason"]} if "fleet_limit_reason" in r else {}),
         "goals": {
             "propagation_p99_le_2s": prop.get("goal_p99_le_2s"),
             "control_plane_cpu_le_0_25_core": costs.get("goal_cpu_le_0_25_core"),
