@@ -15,8 +15,8 @@
 # scripts/fleet-limit.sh, run with --quick when quick), whose JSON fields are
 # merged in.
 #
-# Progress goes to stderr; the last line on stdout is one JSON object with
-# every figure. Exit status 1 when a behavioural check failed (partition,
+# Progress goes to stderr; stdout gets one line, a JSON object with every
+# figure. Exit status 1 when a behavioural check failed (partition,
 # fail_closed, catch-up, restart, propagation reaching every Envoy); figures
 # against their goals are reported in "goals" and never fail the run.
 #
@@ -47,18 +47,24 @@ done
 command -v ip >/dev/null || die "ip not found (Debian/Ubuntu: apt-get install iproute2)"
 
 cd "$KEYGATE_ROOT"
-ensure_rust
-ensure_venv
-ensure_binaryen
-ensure_apt_tools nghttp2-client h2load
+# Only the JSON line goes to stdout: set-up and builds report on stderr.
+{
+  ensure_rust
+  ensure_venv
+  ensure_binaryen
+  ensure_apt_tools nghttp2-client h2load
 
-step "fleet: build keygate.wasm and the keygate CLI"
-build_wasm
+  step "fleet: build keygate.wasm and the keygate CLI"
+  build_wasm
+  if ((${#quick[@]})); then
+    cargo build -p keygate-cli
+  else
+    cargo build --release -p keygate-cli
+  fi
+} >&2
 if ((${#quick[@]})); then
-  cargo build -p keygate-cli
   cli="$KEYGATE_ROOT/target/debug/keygate"
 else
-  cargo build --release -p keygate-cli
   cli="$KEYGATE_ROOT/target/release/keygate"
 fi
 
@@ -67,7 +73,7 @@ run_id="$(printf '%04x' $((RANDOM % 65536)))"
 # itself; this covers it being killed outright).
 trap '"$KEYGATE_VENV/bin/python" tests/fleet/fleet.py --teardown --run-id "$run_id" >/dev/null 2>&1 || true' EXIT
 
-step "fleet: measure (run $run_id${quick:+, quick})"
+step "fleet: measure (run $run_id${quick:+, quick})" >&2
 "$KEYGATE_VENV/bin/python" tests/fleet/fleet.py "${quick[@]}" "${keep[@]}" --run-id "$run_id" \
   --keygate "$cli" --envoy "$(envoy_bin)" --wasm "$KEYGATE_WASM" \
   --limit-script "${KEYGATE_FLEET_LIMIT_SCRIPT:-$KEYGATE_ROOT/scripts/fleet-limit.sh}"

@@ -48,7 +48,8 @@ MAX_STALENESS_S = 4.0
 # One poll: the wait for the next poll, a callout that may still be timing
 # out against the cut link, and the other worker's adopting tick (a quarter
 # of the poll), plus scheduling slack on a loaded machine.
-ONE_POLL_S = POLL_S + TIMEOUT_S + POLL_S / 4 + 0.5
+TICK_S = POLL_S / 4
+ONE_POLL_S = POLL_S + TIMEOUT_S + TICK_S + 0.5
 # The fields the fleet-limit measurement (--limit-script) prints.
 LIMIT_FIELDS = ("fleet_admitted", "fleet_bound", "local_admitted", "local_bound")
 
@@ -253,6 +254,9 @@ class Fleet:
             if policy == "fail_closed":
                 if wait(lambda: victim.status(good) == 503, timeout=MAX_STALENESS_S + 2 * ONE_POLL_S):
                     first_503 = time.monotonic() - cut_at
+                    # Each worker judges staleness at its own tick (a quarter
+                    # of the poll): the other may pass requests that long more.
+                    time.sleep(TICK_S + 0.1)
             rest = max(0.0, hold - (time.monotonic() - cut_at))
             seen_after = self.sample([victim], [good], rest)[victim.node.name]
             out["victim_statuses_after_max_staleness"] = seen_after
@@ -323,6 +327,9 @@ class Fleet:
         t0 = time.monotonic()
         self.cp.stop()
         stopped = time.monotonic()
+        # Down for a poll interval, as a restarted container or host would
+        # be, so that every Envoy has polls fail meanwhile.
+        time.sleep(POLL_S)
         self.cp.start()
         down_s = time.monotonic() - stopped
         say(f"restart: control plane down {down_s:.2f} s (stop took {stopped - t0:.2f} s)")
@@ -341,6 +348,7 @@ class Fleet:
             "fetch_failed_during": failed,
             "statuses": statuses,
         }
+        self.check("restart_fetches_failed_meanwhile", failed > 0, failed)
         self.check("restart_no_request_refused", refused == 0 and total > 0, f"{refused} of {total}")
         self.check("restart_new_control_plane_serves_changes", took)
 
