@@ -69,11 +69,16 @@ else
 fi
 
 run_id="$(printf '%04x' $((RANDOM % 65536)))"
+work="$(mktemp -d "${TMPDIR:-/tmp}/keygate-fleet-XXXXXX")"
 # However this script ends, nothing of the run stays (fleet.py cleans up
 # itself; this covers it being killed outright).
-trap '"$KEYGATE_VENV/bin/python" tests/fleet/fleet.py --teardown --run-id "$run_id" >/dev/null 2>&1 || true' EXIT
+cleanup() {
+  "$KEYGATE_VENV/bin/python" tests/fleet/fleet.py --teardown --run-id "$run_id" >/dev/null 2>&1 || true
+  ((${#keep[@]})) || rm -rf "$work"
+}
+trap cleanup EXIT
 
 step "fleet: measure (run $run_id${quick:+, quick})" >&2
-"$KEYGATE_VENV/bin/python" tests/fleet/fleet.py "${quick[@]}" "${keep[@]}" --run-id "$run_id" \
+"$KEYGATE_VENV/bin/python" tests/fleet/fleet.py "${quick[@]}" "${keep[@]}" --run-id "$run_id" --workdir "$work" \
   --keygate "$cli" --envoy "$(envoy_bin)" --wasm "$KEYGATE_WASM" \
   --limit-script "${KEYGATE_FLEET_LIMIT_SCRIPT:-$KEYGATE_ROOT/scripts/fleet-limit.sh}"

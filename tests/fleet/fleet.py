@@ -67,7 +67,8 @@ class Fleet:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.quick = args.quick
-        self.work = new_workdir()
+        self.work = Path(args.workdir) if args.workdir else new_workdir()
+        self.work.mkdir(parents=True, exist_ok=True)
         self.topo = Topology(args.run_id, args.envoys)
         self.keygate = Path(args.keygate)
         self.keys = self.work / "keys.json"
@@ -609,6 +610,7 @@ def main() -> int:
     p.add_argument("--filler-keys", type=int, default=1000, help="keys in the fleet's list besides the test's own")
     p.add_argument("--limit-script", default=None, help="fleet-limit measurement to run and merge, if it exists")
     p.add_argument("--steps", default="", help="only these steps, comma-separated: propagation,partition,restart,bytes,cost")
+    p.add_argument("--workdir", default=None, help="work directory (default: a new one under the temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configurations)")
     args = p.parse_args()
     if args.teardown:
