@@ -132,7 +132,10 @@ class EcdsEnvoy(harness.Envoy):
 class Soak:
     """One Envoy whose keygate filter comes from ECDS, and the traffic."""
 
-    def __init__(self, backend_port: int, ring_size: int = 200, concurrency: int = 2):
+    def __init__(self, backend_port: int, ring_size: int = 200, concurrency: int = 2, keep_s: Optional[int] = None):
+        # The VMs' shared compiled configuration is kept for this long after
+        # an update (None: as shipped, 60 s).
+        self.vm_env = {"KEYGATE_SHARE_KEEP_S": str(keep_s)} if keep_s is not None else None
         self.steady = harness.new_key()
         self.drained = harness.new_key()
         self.ring = KeyRing(ring_size)
@@ -153,7 +156,7 @@ class Soak:
 
     def _write_ecds(self) -> None:
         self.version += 1
-        wasm = harness.wasm_filter(self.plugin_config(), harness.wasm_path(), PLUGIN)["typed_config"]
+        wasm = harness.wasm_filter(self.plugin_config(), harness.wasm_path(), PLUGIN, self.vm_env)["typed_config"]
         doc = {
             "version_info": str(self.version),
             "resources": [
@@ -314,13 +317,16 @@ def run_soak(
     ring_size: int = 200,
     concurrency: int = 2,
     rps: float = 50,
+    interval: float = 0.0,
+    keep_s: Optional[int] = None,
     max_seconds: float = 3600,
     say: Callable[[str], None] = print,
 ) -> SoakResult:
     """Start an Envoy, drain the drained key, then `updates` ECDS updates
-    under traffic, sampling memory every `every` updates (and before the
-    first). Stops Envoy before returning."""
-    soak = Soak(backend.port, ring_size=ring_size, concurrency=concurrency)
+    under traffic, one every `interval` seconds at most, sampling memory
+    every `every` updates (and before the first). Stops Envoy before
+    returning."""
+    soak = Soak(backend.port, ring_size=ring_size, concurrency=concurrency, keep_s=keep_s)
     t_start = time.monotonic()
     try:
         soak.start()
@@ -345,12 +351,15 @@ def run_soak(
 
         try:
             sample(0)
+            t_updates = time.monotonic()
             for n in range(1, updates + 1):
                 if time.monotonic() - t_start > max_seconds:
                     raise RuntimeError(f"soak over its {max_seconds}s bound after {n - 1} updates")
+                due = t_updates + n * interval
                 update_ms.append(soak.update())
                 if n % every == 0:
                     sample(n)
+                time.sleep(max(0.0, due - time.monotonic()))
         finally:
             traffic.stop()
         # The drained bucket, checked once more on a fresh connection.
@@ -379,6 +388,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--keys", type=int, default=200, help="size of the rotating key list")
     ap.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads")
     ap.add_argument("--rps", type=float, default=50, help="steady-key requests a second, per connection")
+    ap.add_argument("--interval", type=float, default=0.2, help="seconds from one update to the next, at least")
+    ap.add_argument("--keep", type=int, default=None,
+                    help="KEYGATE_SHARE_KEEP_S for the VMs (default: unset, as shipped: 60 s)")
     ap.add_argument("--max-seconds", type=float, default=1800)
     args = ap.parse_args(argv)
     if not harness.wasm_path().exists():
@@ -386,13 +398,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     print(
         f"soak: {args.updates} ECDS updates of plugin {PLUGIN!r} ({args.keys + 2} keys, one revoked and one "
-        f"added each), Envoy --concurrency {args.concurrency}, 2 connections at {args.rps:g} req/s "
+        f"added each, one every {args.interval:g}s at most), Envoy --concurrency {args.concurrency}, 2 connections at {args.rps:g} req/s "
         f"with a steady key and 1 at 10 req/s with a drained key"
     )
     with harness.Backend() as backend:
         r = run_soak(
             backend, args.updates, args.every, ring_size=args.keys, concurrency=args.concurrency,
-            rps=args.rps, max_seconds=args.max_seconds,
+            rps=args.rps, interval=args.interval, keep_s=args.keep, max_seconds=args.max_seconds,
         )
     ref, low, high = r.rss_drift(args.warmup)
     ms = sorted(r.update_ms)
@@ -402,6 +414,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"p99 {ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]:.0f} ms")
     print(f"drained key: {r.drained_refused} refused (429), {r.drained_admitted} admitted")
     print(f"RSS after warm-up ({args.warmup} updates, {ref / 1024:.1f} MiB): {low:+.1%} to {high:+.1%} (goal ±10 %)")
+    heap = [s for s in r.samples if s.updates >= args.warmup]
+    print(f"heap after warm-up ({heap[0].heap_bytes / 2**20:.1f} MiB): "
+          f"{min(s.heap_bytes for s in heap) / heap[0].heap_bytes - 1:+.1%} to "
+          f"{max(s.heap_bytes for s in heap) / heap[0].heap_bytes - 1:+.1%} (not judged)")
     failed = []
     if r.five_xx:
         failed.append(f"{r.five_xx} 5xx")
