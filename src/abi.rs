@@ -5,6 +5,8 @@
 //! getters panic on non-UTF-8 bytes; a panic kills the VM for every request on
 //! that worker. Here every call returns `Result<_, Status>` and bytes stay bytes.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -299,20 +301,41 @@ pub fn create_shared_data(key: &str, value: &[u8]) -> Result<bool, Status> {
     set_shared_data(key, value, u32::MAX)
 }
 
-/// Defines a counter and returns its id.
-pub fn define_counter(name: &str) -> Result<u32, Status> {
+thread_local! {
+    /// The metric ids this VM was given, by kind (counter, gauge) and name.
+    /// Envoy 1.40 hands out a new id on every definition, even of a name it
+    /// knows, and keeps an entry for each id for the VM's life: defining
+    /// every metric again on each configuration update would grow Envoy's
+    /// heap by a few kilobytes an update (measured by scripts/soak.sh). The
+    /// VM (and this map) lives across updates, so each name is defined once.
+    static METRIC_IDS: RefCell<[HashMap<String, u32>; 2]> = RefCell::default();
+}
+
+/// Defines a counter (kind 0) or gauge (kind 1) once per VM; its id.
+fn define_metric(kind: usize, name: &str) -> Result<u32, Status> {
+    let known = METRIC_IDS.with(|ids| ids.borrow().get(kind).and_then(|m| m.get(name).copied()));
+    if let Some(id) = known {
+        return Ok(id);
+    }
     let mut id = 0u32;
     // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
-    status(unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) })?;
+    status(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) })?;
+    METRIC_IDS.with(|ids| {
+        if let Some(m) = ids.borrow_mut().get_mut(kind) {
+            m.insert(name.to_owned(), id);
+        }
+    });
     Ok(id)
 }
 
-/// Defines a gauge and returns its id.
+/// Defines a counter (once per VM) and returns its id.
+pub fn define_counter(name: &str) -> Result<u32, Status> {
+    define_metric(0, name)
+}
+
+/// Defines a gauge (once per VM) and returns its id.
 pub fn define_gauge(name: &str) -> Result<u32, Status> {
-    let mut id = 0u32;
-    // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
-    status(unsafe { proxy_define_metric(1, name.as_ptr(), name.len(), &mut id) })?;
-    Ok(id)
+    define_metric(1, name)
 }
 
 /// Sets a gauge.
