@@ -415,9 +415,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"drained key: {r.drained_refused} refused (429), {r.drained_admitted} admitted")
     print(f"RSS after warm-up ({args.warmup} updates, {ref / 1024:.1f} MiB): {low:+.1%} to {high:+.1%} (goal ±10 %)")
     heap = [s for s in r.samples if s.updates >= args.warmup]
+    slope = (heap[-1].heap_bytes - heap[0].heap_bytes) / max(1, heap[-1].updates - heap[0].updates) / 1024
     print(f"heap after warm-up ({heap[0].heap_bytes / 2**20:.1f} MiB): "
           f"{min(s.heap_bytes for s in heap) / heap[0].heap_bytes - 1:+.1%} to "
-          f"{max(s.heap_bytes for s in heap) / heap[0].heap_bytes - 1:+.1%} (not judged)")
+          f"{max(s.heap_bytes for s in heap) / heap[0].heap_bytes - 1:+.1%}, {slope:+.1f} KiB per update (not judged)")
     failed = []
     if r.five_xx:
         failed.append(f"{r.five_xx} 5xx")
