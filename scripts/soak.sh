@@ -12,7 +12,7 @@
 #
 # Builds the release keygate.wasm first (scripts/test.sh's build). Exits 1
 # when the goal is missed. The program is tests/e2e/soak.py;
-# tests/e2e/test_soak.py runs 100 updates in CI.
+# tests/e2e/test_soak.py runs 150 updates in CI.
 
 set -euo pipefail
 # shellcheck source=test.sh

@@ -1,4 +1,4 @@
-"""A short soak in CI: 100 plugin-configuration updates (ECDS, each a changed
+"""A short soak in CI: 150 plugin-configuration updates (ECDS, each a changed
 key list of 1,002 keys) to one Envoy under traffic. scripts/soak.sh runs the
 long one (1,000 updates, as shipped) and holds it to the goal (RSS within
 ±10 % after warm-up)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 from conftest import report
 from soak import run_soak
 
-UPDATES = 100
+UPDATES = 150
 EVERY = 20
 WARMUP = 40
 # The VMs keep each update's compiled key list in shared data for this long
@@ -16,9 +16,9 @@ WARMUP = 40
 # every 50 ms about 40 lists are kept at a time.
 KEEP_S = 2
 # A leak of one compiled 1,002-key list per update (about 50 KiB) grows the
-# heap by 3 MiB over the 60 updates after warm-up (measured with the keep
-# period at 60 s); kept lists being freed, it moves by well under 1 MiB.
-HEAP_GROWTH_MIB = 1.5
+# heap by 5 MiB over the 110 updates after warm-up (measured with the keep
+# period at 60 s); kept lists being freed, it moves by under 1 MiB.
+HEAP_GROWTH_MIB = 2
 # RSS is mostly V8's reservations: a loose bound, twice the long run's goal.
 RSS_GROWTH = 0.20
 
