@@ -6,9 +6,10 @@
 //! that worker. Here every call returns `Result<_, Status>` and bytes stay bytes.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use keygate_core::tally::{MetricIds, MetricKind};
 
 /// A raw proxy-wasm status code (`0` is OK).
 pub type Status = u32;
@@ -302,40 +303,35 @@ pub fn create_shared_data(key: &str, value: &[u8]) -> Result<bool, Status> {
 }
 
 thread_local! {
-    /// The metric ids this VM was given, by kind (counter, gauge) and name.
-    /// Envoy 1.40 hands out a new id on every definition, even of a name it
-    /// knows, and keeps an entry for each id for the VM's life: defining
-    /// every metric again on each configuration update would grow Envoy's
-    /// heap by a few kilobytes an update (measured by scripts/soak.sh). The
-    /// VM (and this map) lives across updates, so each name is defined once.
-    static METRIC_IDS: RefCell<[HashMap<String, u32>; 2]> = RefCell::default();
+    /// This VM's metric ids: it lives across configuration updates, so each
+    /// metric is defined once (see `MetricIds`).
+    static METRIC_IDS: RefCell<MetricIds> = RefCell::default();
 }
 
-/// Defines a counter (kind 0) or gauge (kind 1) once per VM; its id.
-fn define_metric(kind: usize, name: &str) -> Result<u32, Status> {
-    let known = METRIC_IDS.with(|ids| ids.borrow().get(kind).and_then(|m| m.get(name).copied()));
-    if let Some(id) = known {
-        return Ok(id);
-    }
-    let mut id = 0u32;
-    // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
-    status(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) })?;
+/// Defines a metric once per VM; its id.
+fn define_metric(kind: MetricKind, name: &str) -> Result<u32, Status> {
+    let code = match kind {
+        MetricKind::Counter => 0,
+        MetricKind::Gauge => 1,
+    };
     METRIC_IDS.with(|ids| {
-        if let Some(m) = ids.borrow_mut().get_mut(kind) {
-            m.insert(name.to_owned(), id);
-        }
-    });
-    Ok(id)
+        ids.borrow_mut().get_or_define(kind, name, || {
+            let mut id = 0u32;
+            // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
+            status(unsafe { proxy_define_metric(code, name.as_ptr(), name.len(), &mut id) })?;
+            Ok(id)
+        })
+    })
 }
 
 /// Defines a counter (once per VM) and returns its id.
 pub fn define_counter(name: &str) -> Result<u32, Status> {
-    define_metric(0, name)
+    define_metric(MetricKind::Counter, name)
 }
 
 /// Defines a gauge (once per VM) and returns its id.
 pub fn define_gauge(name: &str) -> Result<u32, Status> {
-    define_metric(1, name)
+    define_metric(MetricKind::Gauge, name)
 }
 
 /// Sets a gauge.
