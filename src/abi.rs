@@ -5,8 +5,11 @@
 //! getters panic on non-UTF-8 bytes; a panic kills the VM for every request on
 //! that worker. Here every call returns `Result<_, Status>` and bytes stay bytes.
 
+use std::cell::RefCell;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use keygate_core::tally::{MetricIds, MetricKind};
 
 /// A raw proxy-wasm status code (`0` is OK).
 pub type Status = u32;
@@ -299,20 +302,36 @@ pub fn create_shared_data(key: &str, value: &[u8]) -> Result<bool, Status> {
     set_shared_data(key, value, u32::MAX)
 }
 
-/// Defines a counter and returns its id.
-pub fn define_counter(name: &str) -> Result<u32, Status> {
-    let mut id = 0u32;
-    // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
-    status(unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) })?;
-    Ok(id)
+thread_local! {
+    /// This VM's metric ids: it lives across configuration updates, so each
+    /// metric is defined once (see `MetricIds`).
+    static METRIC_IDS: RefCell<MetricIds> = RefCell::default();
 }
 
-/// Defines a gauge and returns its id.
+/// Defines a metric once per VM; its id.
+fn define_metric(kind: MetricKind, name: &str) -> Result<u32, Status> {
+    let code = match kind {
+        MetricKind::Counter => 0,
+        MetricKind::Gauge => 1,
+    };
+    METRIC_IDS.with(|ids| {
+        ids.borrow_mut().get_or_define(kind, name, || {
+            let mut id = 0u32;
+            // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
+            status(unsafe { proxy_define_metric(code, name.as_ptr(), name.len(), &mut id) })?;
+            Ok(id)
+        })
+    })
+}
+
+/// Defines a counter (once per VM) and returns its id.
+pub fn define_counter(name: &str) -> Result<u32, Status> {
+    define_metric(MetricKind::Counter, name)
+}
+
+/// Defines a gauge (once per VM) and returns its id.
 pub fn define_gauge(name: &str) -> Result<u32, Status> {
-    let mut id = 0u32;
-    // SAFETY: pointer and length describe a live &str; `id` is a valid out-pointer.
-    status(unsafe { proxy_define_metric(1, name.as_ptr(), name.len(), &mut id) })?;
-    Ok(id)
+    define_metric(MetricKind::Gauge, name)
 }
 
 /// Sets a gauge.

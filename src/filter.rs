@@ -127,7 +127,7 @@ impl RootContext for KeygateRoot {
                 }
             }
         }
-        // Defining a metric again returns the same id, so a reload is harmless.
+        // `abi` defines each metric once per VM and hands back its id after.
         self.metrics.flush();
         self.metrics = Rc::new(self.metrics.redefine());
         abi::log(

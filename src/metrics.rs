@@ -26,8 +26,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Defines every counter (again, on a reload: the host hands back the same
-    /// ids), counting into this tally, so counts not yet flushed and those of
+    /// Defines every counter (on a reload, `abi` hands back the ids it was
+    /// given the first time), counting into this tally, so counts not yet flushed and those of
     /// requests that outlive the reload are kept. A host that refuses a
     /// definition just loses that counter.
     pub fn redefine(&self) -> Self {

@@ -5,6 +5,7 @@
 //! [`Tally`] and hands Envoy the sums once per tick.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 
 use crate::DenyCode;
 
@@ -75,6 +76,50 @@ impl Tally {
     }
 }
 
+/// What a metric is to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only ever incremented.
+    Counter,
+    /// Set to a value.
+    Gauge,
+}
+
+/// The ids the host gave one VM's metrics, by kind and name.
+///
+/// Envoy hands out a new id on every definition, even of a name it already
+/// knows, and keeps an entry for each id for the VM's life. A VM that
+/// defined its metrics again on every configuration update would grow
+/// Envoy's heap with each update; asking here first, it defines each name
+/// once.
+#[derive(Debug, Default)]
+pub struct MetricIds {
+    counters: HashMap<String, u32>,
+    gauges: HashMap<String, u32>,
+}
+
+impl MetricIds {
+    /// The id of `name`: the one `define` gave the first time, else what
+    /// `define` gives now. A failed definition is not remembered.
+    pub fn get_or_define<E>(
+        &mut self,
+        kind: MetricKind,
+        name: &str,
+        define: impl FnOnce() -> Result<u32, E>,
+    ) -> Result<u32, E> {
+        let ids = match kind {
+            MetricKind::Counter => &mut self.counters,
+            MetricKind::Gauge => &mut self.gauges,
+        };
+        if let Some(id) = ids.get(name) {
+            return Ok(*id);
+        }
+        let id = define()?;
+        ids.insert(name.to_owned(), id);
+        Ok(id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +174,54 @@ mod tests {
         assert_eq!(got.len(), OUTCOMES);
         assert!(got.iter().all(|(_, n)| *n == 1));
         assert!(got.iter().map(|(o, _)| *o).eq(Outcome::all()));
+    }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn each_metric_is_defined_once_per_kind_and_name() {
+        let mut ids = MetricIds::default();
+        let mut next = 0u32;
+        let mut calls = 0;
+        let mut define = |ids: &mut MetricIds, kind, name: &str| {
+            ids.get_or_define(kind, name, || -> Result<u32, ()> {
+                calls += 1;
+                next += 4;
+                Ok(next)
+            })
+        };
+        let allowed = define(&mut ids, MetricKind::Counter, "keygate.allowed");
+        // A configuration update defines every metric again: same ids, no host call.
+        assert_eq!(
+            define(&mut ids, MetricKind::Counter, "keygate.allowed"),
+            allowed
+        );
+        let denied = define(&mut ids, MetricKind::Counter, "keygate.denied.rate_limited");
+        let gauge = define(&mut ids, MetricKind::Gauge, "keygate.allowed");
+        assert_eq!(
+            define(&mut ids, MetricKind::Gauge, "keygate.allowed"),
+            gauge
+        );
+        assert_eq!((allowed, denied, gauge), (Ok(4), Ok(8), Ok(12)));
+        assert_eq!(calls, 3);
+    }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn a_refused_definition_is_asked_again() {
+        let mut ids = MetricIds::default();
+        assert_eq!(
+            ids.get_or_define(MetricKind::Counter, "keygate.allowed", || Err("refused")),
+            Err("refused")
+        );
+        assert_eq!(
+            ids.get_or_define(MetricKind::Counter, "keygate.allowed", || Ok::<u32, &str>(
+                7
+            )),
+            Ok(7)
+        );
+        assert_eq!(
+            ids.get_or_define(MetricKind::Counter, "keygate.allowed", || Err("not asked")),
+            Ok(7)
+        );
     }
 }

@@ -476,31 +476,32 @@ def _worker_cx(envoy: Envoy) -> dict[str, int]:
     return out
 
 
+@pytest.mark.parametrize("workers", [2, 4], ids=["2-workers", "4-workers"])
 @pytest.mark.parametrize(
     "filler",
     [0, 10_000],
     ids=["buckets-made-at-configure", "buckets-made-on-first-use"],
 )
-def test_rate_limit_holds_across_workers(envoy_factory, backend, filler):
+def test_rate_limit_holds_across_workers(envoy_fn, backend, filler, workers):
     # Up to 10,000 keys, every bucket exists before traffic; beyond, a bucket
     # is created by the first request of its key, on whichever worker.
     fillers = [{"id": f"filler-{i}", "sha256": os.urandom(32).hex()} for i in range(filler)]
-    envoy = envoy_factory(
+    envoy = envoy_fn(
         {
             "keys": [key_entry("hammer", HAMMER_KEY)] + fillers,
             # the default limit applies to keys without their own
             "rate_limit": {"requests_per_second": HAMMER_RPS, "burst": HAMMER_BURST},
         },
-        concurrency=2,
+        concurrency=workers,
     )
-    # Open connections until both workers hold at least one (the kernel
-    # spreads them with SO_REUSEPORT), with at least 4 and at most 16.
+    # Open connections until every worker holds at least one (the kernel
+    # spreads them with SO_REUSEPORT), with at least 2 and at most 8 per worker.
     conns = []
-    for _ in range(16):
+    for _ in range(8 * workers):
         conns.append(envoy.connect())
-        if len(conns) >= 4:
+        if len(conns) >= 2 * workers:
             wait_until(lambda: sum(_worker_cx(envoy).values()) >= len(conns), timeout=1)
-            if sum(1 for v in _worker_cx(envoy).values() if v > 0) >= 2:
+            if sum(1 for v in _worker_cx(envoy).values() if v > 0) >= workers:
                 break
     per_worker = _worker_cx(envoy)
 
@@ -551,7 +552,7 @@ def test_rate_limit_holds_across_workers(envoy_factory, backend, filler):
 
     bound = HAMMER_BURST + HAMMER_RPS * elapsed + 1
     report(
-        f"concurrency: workers=2 connections={len(conns)} per_worker_cx={per_worker} "
+        f"concurrency: workers={workers} connections={len(conns)} per_worker_cx={per_worker} "
         f"admitted={admitted} rejected={rejected} elapsed={elapsed:.2f}s "
         f"bound=burst+rate*elapsed+1={bound:.1f}"
     )
@@ -561,6 +562,7 @@ def test_rate_limit_holds_across_workers(envoy_factory, backend, filler):
     assert admitted > 0
     assert rejected > 0
     assert admitted <= bound, f"admitted {admitted} > bound {bound:.1f}"
+    assert sum(1 for v in per_worker.values() if v > 0) == workers, per_worker
 
 
 def test_each_configuration_is_compiled_once_and_adopted_by_the_other_vms(envoy_fn):
