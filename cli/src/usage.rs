@@ -15,7 +15,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use keygate_core::usage::{UsageReport, MAX_REPORT_KEYS};
@@ -178,15 +178,20 @@ impl Recorder {
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
             return res;
         }
+        let too_large = || {
+            refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "report_too_large",
+                &format!("the body is over {MAX_BODY} bytes"),
+            )
+        };
+        // An announced length over the limit is refused before any reading.
+        if req.body().size_hint().lower() > MAX_BODY as u64 {
+            return too_large();
+        }
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return refuse(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "report_too_large",
-                    &format!("the body is over {MAX_BODY} bytes"),
-                )
-            }
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
             Err(e) => {
                 return refuse(
                     StatusCode::BAD_REQUEST,
