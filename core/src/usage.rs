@@ -355,8 +355,9 @@ enum Shared {
 pub struct Reporter {
     /// The shared-data entry every VM of this Envoy merges into.
     key: String,
-    /// The report awaiting its answer: callout token and what it carries.
-    in_flight: Option<(u32, UsageMap)>,
+    /// The report awaiting its answer: callout token, what it carries, and
+    /// by when (monotonic ns) its answer is due at the latest.
+    in_flight: Option<(u32, UsageMap, u64)>,
     /// Monotonic time of the next report, when holding the lease.
     next_report_ns: u64,
 }
@@ -409,13 +410,25 @@ impl Reporter {
             return step;
         };
         self.flush(tally, io, &mut step);
-        if !leader || self.in_flight.is_some() {
-            return step;
-        }
         let Some(now) = (io.monotonic_ns)() else {
             return step;
         };
-        if now < self.next_report_ns {
+        // Envoy answers every callout by its timeout, unless the context
+        // that sent it went away (a reload): then the answer never comes.
+        if let Some((_, batch, due)) = &self.in_flight {
+            if now <= *due {
+                return step;
+            }
+            step.logs.push((
+                Level::Warn,
+                format!(
+                    "usage report of {} keys never answered; not sent again",
+                    batch.len()
+                ),
+            ));
+            self.in_flight = None;
+        }
+        if !leader || now < self.next_report_ns {
             return step;
         }
         self.next_report_ns = now.saturating_add(usage.interval_ms.saturating_mul(1_000_000));
@@ -436,7 +449,14 @@ impl Reporter {
             .poster
             .dispatch_post(&cp.cluster, &headers, &body, cp.timeout_ms)
         {
-            Ok(token) => self.in_flight = Some((token, batch)),
+            Ok(token) => {
+                let due = now.saturating_add(
+                    cp.timeout_ms
+                        .saturating_add(1_000)
+                        .saturating_mul(1_000_000),
+                );
+                self.in_flight = Some((token, batch, due));
+            }
             Err(why) => {
                 step.logs.push((
                     Level::Warn,
@@ -462,7 +482,7 @@ impl Reporter {
     ) -> UsageStep {
         let mut step = UsageStep::default();
         let batch = match self.in_flight.take() {
-            Some((t, batch)) if t == token => batch,
+            Some((t, batch, _)) if t == token => batch,
             other => {
                 self.in_flight = other;
                 return step;

@@ -533,3 +533,29 @@ fn contention_or_damage_in_shared_data_loses_no_count() {
         .iter()
         .any(|(l, m)| *l == Level::Error && m.contains("corrupt")));
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_report_never_answered_does_not_stop_reporting() {
+    let mut envoy = Envoy::new(1, plane(1000));
+    envoy.record(0, "a", 2);
+    envoy.tick();
+    assert_eq!(envoy.last_report(), [row("a", 2, 1_800_000_000)]);
+    // No answer (its context went away). Until the timeout has passed, wait.
+    envoy.record(0, "b", 1);
+    envoy.advance(2);
+    let step = envoy.tick();
+    assert!(step.logs.is_empty(), "{:?}", step.logs);
+    assert_eq!(envoy.poster.sent.len(), 1);
+    // Past timeout (2 s) + 1 s: given up, with a warning, and the next report goes.
+    envoy.advance(3);
+    let step = envoy.tick();
+    assert!(
+        step.logs[0].1.contains("usage report of 1 keys never answered"),
+        "{:?}",
+        step.logs
+    );
+    assert_eq!(envoy.poster.sent.len(), 2);
+    assert_eq!(envoy.last_report(), [row("b", 1, 1_800_000_002)]);
+    assert!(envoy.vms[0].reporter.in_flight());
+}
