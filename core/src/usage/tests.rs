@@ -551,7 +551,9 @@ fn a_report_never_answered_does_not_stop_reporting() {
     envoy.advance(3);
     let step = envoy.tick();
     assert!(
-        step.logs[0].1.contains("usage report of 1 keys never answered"),
+        step.logs[0]
+            .1
+            .contains("usage report of 1 keys never answered"),
         "{:?}",
         step.logs
     );
