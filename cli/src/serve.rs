@@ -8,6 +8,8 @@
 //!
 //! With `--tls-cert` and `--tls-key` the listener speaks only TLS (rustls);
 //! `--client-ca` also requires a client certificate chaining to that CA.
+//!
+//! `POST /v1/usage` takes Envoys' usage reports (see `crate::usage`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
