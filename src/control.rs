@@ -135,6 +135,11 @@ impl Poller {
         self.0.polls(cp)
     }
 
+    /// True when this VM holds the fetch lease (it sends the usage reports).
+    pub fn holds_lease(&self) -> bool {
+        abi::monotonic_ns().is_some_and(|now| self.0.holds_lease(&SharedCounters, now))
+    }
+
     /// See [`poller::Poller::tick_period_ms`].
     pub fn tick_period(cp: &ControlPlane) -> Duration {
         Duration::from_millis(poller::Poller::tick_period_ms(cp))

@@ -19,6 +19,9 @@ use crate::config_cache;
 use crate::control::{PollMetrics, Poller, TickAction};
 use crate::metrics::{Metrics, FLUSH_PERIOD_MS};
 use crate::shared::SharedCounters;
+use crate::usage::Reporting;
+use keygate_core::keys::KeyRef;
+use keygate_core::usage::UsageTally;
 
 /// Name of the filter-state value carrying the denial, for access logs
 /// (`%FILTER_STATE(wasm.keygate_denial:PLAIN)%`).
@@ -50,6 +53,8 @@ pub struct KeygateRoot {
     poll_metrics: PollMetrics,
     /// The control-plane list is older than `max_staleness`.
     stale: Rc<Cell<bool>>,
+    /// Per-key usage counting and reporting, when configured.
+    usage: Option<Reporting>,
 }
 
 impl KeygateRoot {
@@ -67,6 +72,9 @@ impl Drop for KeygateRoot {
     /// spares every request one call into the VM.
     fn drop(&mut self) {
         self.metrics.flush();
+        if let Some(usage) = &self.usage {
+            usage.flush();
+        }
     }
 }
 
@@ -82,6 +90,9 @@ impl Context for KeygateRoot {
             return;
         };
         if let Some(cp) = base.control_plane() {
+            if let Some(usage) = self.usage.as_mut() {
+                usage.on_response(token, num_headers, cp);
+            }
             let action =
                 poller.on_response(token, num_headers, body_size, &base, cp, &self.poll_metrics);
             self.switch(action);
@@ -162,6 +173,16 @@ impl RootContext for KeygateRoot {
         } else {
             self.poller = None;
         }
+        let previous = self.usage.take();
+        self.usage = match base.control_plane().filter(|cp| cp.usage.is_some()) {
+            Some(cp) => Some(Reporting::new(cp, previous)),
+            None => {
+                if let Some(p) = previous {
+                    p.flush();
+                }
+                None
+            }
+        };
         // Ticks flush the counters, re-read the log level and, with a control
         // plane, drive the poller (whose period is at most the flush period).
         let tick_ms = base.control_plane().map_or(FLUSH_PERIOD_MS, |cp| {
@@ -186,6 +207,9 @@ impl RootContext for KeygateRoot {
             let (action, stale) = poller.tick(&base, cp, &self.poll_metrics);
             self.stale.set(stale);
             self.switch(action);
+            if let Some(usage) = self.usage.as_mut() {
+                usage.tick(cp, poller.holds_lease());
+            }
         }
         self.poller = Some(poller);
     }
@@ -197,6 +221,7 @@ impl RootContext for KeygateRoot {
             replies: self.replies.clone(),
             hold: None,
             stale: self.stale.get(),
+            usage: self.usage.as_ref().map(Reporting::tally),
         }))
     }
 
@@ -238,6 +263,8 @@ pub struct KeygateRequest {
     hold: Option<Hold>,
     /// The control-plane list was stale when the request started.
     stale: bool,
+    /// Where allowed requests are counted per key, when usage is reported.
+    usage: Option<Rc<UsageTally>>,
 }
 
 impl Context for KeygateRequest {}
@@ -269,7 +296,7 @@ impl HttpContext for KeygateRequest {
                     return self.fail("identity header not set");
                 }
                 match allowed.body_check {
-                    None => self.allow(),
+                    None => self.allow(allowed.key),
                     Some(hold) if end_of_stream => self.finish_body(&policy, hold, &[], false),
                     Some(hold) => {
                         self.hold = Some(hold);
@@ -317,8 +344,13 @@ fn apply_edits(edits: &Edits<'_, '_>) -> bool {
 }
 
 impl KeygateRequest {
-    fn allow(&self) -> Action {
+    /// Lets the request through, counting it (and, when usage is
+    /// reported, counting it for its key: VM memory only, no host call).
+    fn allow(&self, key: Option<KeyRef<'_>>) -> Action {
         self.metrics.allowed();
+        if let (Some(usage), Some(key)) = (&self.usage, key) {
+            usage.record(key.id());
+        }
         Action::Continue
     }
 
@@ -335,10 +367,10 @@ impl KeygateRequest {
     fn finish_body(&mut self, policy: &Policy, hold: Hold, body: &[u8], truncated: bool) -> Action {
         self.hold = None;
         match policy.decide_body(hold, body, truncated) {
-            Ok(None) => self.allow(),
+            Ok(None) => self.allow(policy.held_key(hold)),
             Ok(Some(denied)) => {
                 self.report(&denied);
-                self.allow()
+                self.allow(policy.held_key(hold))
             }
             Err(denied) => self.refuse(&denied),
         }

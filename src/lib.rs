@@ -16,6 +16,8 @@ mod filter;
 mod metrics;
 #[cfg(target_arch = "wasm32")]
 mod shared;
+#[cfg(target_arch = "wasm32")]
+mod usage;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,9 +18,9 @@ from typing import Any, Optional
 
 import harness
 
-from .children import UPSTREAM_CORE, stop_all_children
-from .configs import NO_AUTH, SHADOW, key_list, keygate_config, native_filters, upstream_bootstrap, wasm_filter
-from .envoys import Envoy, http_status, new_envoy, shared_envoy, stop_envoys
+from .children import UPSTREAM_CORE, spawn, stop_all_children, stop_child
+from .configs import CP_CLUSTER, NO_AUTH, SHADOW, USAGE_CONTROL_PLANE, key_list, keygate_config, native_filters, upstream_bootstrap, wasm_filter
+from .envoys import Envoy, http_status, new_envoy, shared_envoy, status_or_zero, stop_envoys
 from .measure import Bench, Cell, Settings
 from .probes import host_call_costs, startup_probes
 from .procfs import cpu_model, loadavg, proc_rss_kb
@@ -103,6 +105,7 @@ class Keys:
     kg10: str  # keygate configuration with 10 keys
     kg100k: str  # and with 100,000
     kg10_shadow: str  # 10 keys in shadow mode
+    kg10_usage: str  # 10 keys, usage reported to a control plane every second
     native: list[tuple[str, str]]  # (id, key) for the native filter
 
     @classmethod
@@ -119,6 +122,7 @@ class Keys:
             kg10=keygate_config(key_list(10, entries)),
             kg100k=keygate_config(key_list(100_000, entries)),
             kg10_shadow=keygate_config(key_list(10, entries), mode="shadow"),
+            kg10_usage=keygate_config(key_list(10, entries), control_plane=USAGE_CONTROL_PLANE),
             native=[("bench-allowed", allowed)] + [(f"k{i}", harness.new_key()) for i in range(8)],
         )
 
@@ -139,6 +143,7 @@ def config_defs(inputs: Inputs, keys: Keys, latency_only: bool) -> list[tuple[st
         ("keygate-100k", [wasm_filter("keygate-100k", "keygate", inputs.keygate_wasm, keys.kg100k)], 1),
         ("keygate-10-c2", [wasm_filter("keygate", "keygate", inputs.keygate_wasm, keys.kg10)], 2),
         ("keygate-10-shadow", [wasm_filter("keygate-shadow", "keygate", inputs.keygate_wasm, keys.kg10_shadow)], 1),
+        ("keygate-10-usage", [wasm_filter("keygate-usage", "keygate", inputs.keygate_wasm, keys.kg10_usage)], 1),
     ]
     if latency_only:
         # One connection sees every configuration's latency through the
@@ -176,6 +181,8 @@ class Run:
         self.load_start = loadavg()
         self.envoys: dict[str, Envoy] = {}
         self.upstream: Optional[Envoy] = None
+        self.control_plane: Optional[Any] = None  # keygate serve, for keygate-10-usage
+        self.cp_port = 0
         self.defs: list[tuple[str, list[dict], int]] = []
         self.keys: Keys
 
@@ -184,6 +191,8 @@ class Run:
         stop_envoys(self.envoys)
         if self.upstream is not None:
             self.upstream.stop()
+        if self.control_plane is not None:
+            stop_child(self.control_plane)
         stop_all_children()
         if not self.args.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -227,11 +236,12 @@ class Run:
         assert self.upstream is not None
         up_port, envoy_bin = self.upstream.port, self.inputs.envoy_bin
         shared = [(name, filters) for name, filters, conc in self.defs if conc == 1 and not self.args.separate]
+        clusters = [harness.static_cluster(CP_CLUSTER, self.cp_port)] if self.cp_port else []
         if shared:
-            self.envoys.update(shared_envoy("shared-c1", shared, self.workdir, envoy_bin, up_port))
+            self.envoys.update(shared_envoy("shared-c1", shared, self.workdir, envoy_bin, up_port, clusters))
         for name, filters, conc in self.defs:
             if name not in self.envoys:
-                self.envoys[name] = new_envoy(name, filters, self.workdir, envoy_bin, up_port, concurrency=conc).start()
+                self.envoys[name] = new_envoy(name, filters, self.workdir, envoy_bin, up_port, concurrency=conc, clusters=clusters).start()
         for name, e in self.envoys.items():
             if report:
                 where = f", one process for {e.shared_by}" if e.shared_by > 1 else ""
@@ -263,6 +273,33 @@ class Run:
             if (first, second) != (200, refused[1]):
                 problems.append(f"{name}: limited key gave {first} then {second}, expected 200 then {refused[1]}")
         return problems
+
+    def start_control_plane(self) -> None:
+        """`keygate serve` with an empty list, on the upstream's core, for
+        the usage configuration's reports."""
+        keys = self.workdir / "cp-usage.json"
+        keys.write_text('{"version":1,"keys":[]}')
+        self.cp_port = harness.free_port()
+        log = open(self.workdir / "cp-usage.log", "wb")
+        cmd = [str(self.inputs.keygate_cli), "serve", "--keys", str(keys), "--listen", f"127.0.0.1:{self.cp_port}"]
+        self.control_plane = spawn(["taskset", "-c", UPSTREAM_CORE, *cmd], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 60
+        while status_or_zero(self.cp_port, "/healthz", None) != 200:
+            if self.control_plane.poll() is not None or time.monotonic() > deadline:
+                raise harness.EnvoyStartError("keygate serve did not start", (self.workdir / "cp-usage.log").read_text()[-2000:], self.control_plane.returncode)
+            time.sleep(0.1)
+
+    def print_usage_reported(self) -> None:
+        """What the usage configuration reported: its allowed key's requests
+        as the control plane recorded them (proof that reporting ran)."""
+        path = self.workdir / "cp-usage.usage.json"
+        time.sleep(2.5)  # the last report
+        try:
+            rec = json.loads(path.read_text())["keys"].get("bench-allowed", {})
+        except (OSError, ValueError, KeyError):
+            rec = {}
+        print(f"  usage reported by keygate-10-usage: bench-allowed {rec.get('requests', 0)} requests", flush=True)
 
     def restart_envoys(self) -> list[str]:
         stop_envoys(self.envoys)
@@ -301,6 +338,7 @@ class Run:
         self.upstream = Envoy("upstream", upstream_bootstrap(up_port, up_admin), self.workdir, i.envoy_bin, cpus=UPSTREAM_CORE, port=up_port, admin_port=up_admin)
         self.upstream.start()
         self.defs = config_defs(i, self.keys, self.args.latency_only)
+        self.start_control_plane()
         if self.start_envoys(report=True):
             return 2
         print("  checks: valid key 200, no key 401, limited key 200 then 429 (auth configs; 200 in shadow) - ok", flush=True)
@@ -308,6 +346,7 @@ class Run:
         if bench is None:
             return 2
         cells = summarize(bench.samples)
+        self.print_usage_reported()
         rss_end = {name: proc_rss_kb(e.pid) for name, e in self.envoys.items()}
         stop_envoys(self.envoys)
         self.upstream.stop()

@@ -35,12 +35,22 @@ def key_list(n: int, extra: list[dict]) -> list[dict]:
     return out
 
 
-def keygate_config(keys: list[dict], mode: str = "enforce") -> str:
+def keygate_config(keys: list[dict], mode: str = "enforce", control_plane: Optional[dict] = None) -> str:
     """keygate's plugin configuration for `keys` in `mode`, with a default limit too large to reach."""
     cfg: dict = {"keys": keys, "rate_limit": {"requests_per_second": 1000000, "burst": 1000000}}
     if mode != "enforce":  # the default: left out, so that older builds load the same configuration (compare.py)
         cfg["mode"] = mode
+    if control_plane is not None:
+        cfg["control_plane"] = control_plane
     return json.dumps(cfg, separators=(",", ":"))
+
+
+# The control plane of the usage configuration: `keygate serve` with an
+# empty list (the keys stay static) taking the usage reports.
+CP_CLUSTER = "keygate_cp"
+# Usage reported every second (the shortest interval allowed), so that a
+# measurement second holds a merge on every tick and a report.
+USAGE_CONTROL_PLANE = {"cluster": CP_CLUSTER, "authority": "keygate-cp", "poll_interval": "1s", "usage_report_interval": "1s"}
 
 
 def wasm_filter(name: str, root_id: str, wasm: Path, configuration: str) -> dict:
@@ -105,11 +115,12 @@ def bootstrap(
     http_filters: list[dict],
     upstream_port: Optional[int],
     listener_metadata: Optional[dict] = None,
+    clusters: Optional[list[dict]] = None,
 ) -> dict:
     """One listener on 127.0.0.1 with two routes: /direct answered by Envoy
     itself (direct_response) and /proxy forwarded to the upstream."""
     routes = [_ok("/direct")]
-    clusters = []
+    clusters = list(clusters or [])
     if upstream_port is not None:
         routes.append({"match": {"prefix": "/proxy"}, "route": {"cluster": "upstream"}})
         clusters.append(harness.static_cluster("upstream", upstream_port))

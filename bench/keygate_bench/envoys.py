@@ -99,7 +99,9 @@ def stop_envoys(envoys: dict[str, Envoy]) -> None:
         e.stop()
 
 
-def shared_envoy(name: str, configs: list[tuple[str, list[dict]]], workdir: Path, envoy_bin: Path, upstream_port: Optional[int]) -> dict[str, Envoy]:
+def shared_envoy(
+    name: str, configs: list[tuple[str, list[dict]]], workdir: Path, envoy_bin: Path, upstream_port: Optional[int], clusters: Optional[list[dict]] = None
+) -> dict[str, Envoy]:
     """One Envoy serving each of `configs` (name, filters) on a listener of
     its own; started, and returned as one view of it per configuration, the
     views differing only in name and port. Envoy shares a VM (and its
@@ -108,7 +110,7 @@ def shared_envoy(name: str, configs: list[tuple[str, list[dict]]], workdir: Path
     the name as the `vm_id`)."""
     ports = harness.free_ports(len(configs) + 1)
     admin = ports[-1]
-    cfg = bootstrap(ports[0], admin, configs[0][1], upstream_port)
+    cfg = bootstrap(ports[0], admin, configs[0][1], upstream_port, clusters=clusters)
     for i, (_, filters) in enumerate(configs[1:], 1):
         listener = bootstrap(ports[i], admin, filters, upstream_port)["static_resources"]["listeners"][0]
         listener["name"] = f"main{i}"
@@ -120,7 +122,8 @@ def shared_envoy(name: str, configs: list[tuple[str, list[dict]]], workdir: Path
 def new_envoy(name: str, filters: list[dict], workdir: Path, envoy_bin: Path, upstream_port: Optional[int], **kw: Any) -> Envoy:
     port, admin = harness.free_ports(2)
     meta = kw.pop("listener_metadata", None)
-    return Envoy(name, bootstrap(port, admin, filters, upstream_port, meta), workdir, envoy_bin, port=port, admin_port=admin, **kw)
+    clusters = kw.pop("clusters", None)
+    return Envoy(name, bootstrap(port, admin, filters, upstream_port, meta, clusters), workdir, envoy_bin, port=port, admin_port=admin, **kw)
 
 
 def status_or_zero(port: int, path: str, key: Optional[str]) -> int:

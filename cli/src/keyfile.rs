@@ -94,6 +94,12 @@ fn write(path: &Path, list: &KeyList) -> Result<()> {
         );
         return Err(failure);
     }
+    write_atomic(path, &bytes)
+}
+
+/// Replaces the file at `path` (the target, if it is a symbolic link) with
+/// `bytes` atomically: a temporary file in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     // Replace the target of a symbolic link, not the link.
     let target = match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path)
@@ -118,7 +124,7 @@ fn write(path: &Path, list: &KeyList) -> Result<()> {
         Err(_) => new_file_permissions(tmp.as_file()),
     }
     .map_err(io_err)?;
-    tmp.write_all(&bytes).map_err(io_err)?;
+    tmp.write_all(bytes).map_err(io_err)?;
     tmp.as_file().sync_all().map_err(io_err)?;
     tmp.persist(&target).map_err(|e| io_err(e.error))?;
     // Make the rename durable; not every file system lets a directory be synced.

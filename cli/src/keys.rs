@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 
 use crate::error::{print_stdout, Failure, Result};
 use crate::keygen::Alphabet;
+use crate::usage::{self, UsageFile};
 use crate::{keyfile, keygen};
 
 /// The `keys` subcommands.
@@ -28,9 +29,12 @@ pub enum KeysCommand {
     ///
     /// A disabled key is refused like an unknown one. The file's version grows by one.
     Revoke(RevokeArgs),
-    /// List the keys: id, display form, scopes, environment, expiry, status, label.
+    /// List the keys: id, display form, scopes, environment, expiry, status,
+    /// last use, requests in the last 24 h, label.
     ///
     /// Status is `disabled`, `expired` (now at or past `expires_at`) or `active`.
+    /// Last use and requests come from the usage file `keygate serve` keeps
+    /// from Envoys' usage reports: `never` and 0 for a key no report named.
     /// The file holds no keys, only digests, and neither is printed.
     List(ListArgs),
     /// Replace a key with an overlap: a new key for the same consumer, printed
@@ -120,6 +124,10 @@ pub struct ListArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// The usage file `keygate serve` keeps [default: beside --file,
+    /// `keys.json` → `keys.usage.json`].
+    #[arg(long, value_name = "USAGE.json")]
+    usage: Option<PathBuf>,
 }
 
 /// Runs a `keys` subcommand.
@@ -349,11 +357,13 @@ fn rotate(args: RotateArgs) -> Result<()> {
 
 fn list(args: ListArgs) -> Result<()> {
     let list = keyfile::read_existing(&args.file)?;
+    let usage_file = args.usage.unwrap_or_else(|| usage::file_for(&args.file));
+    let usage = UsageFile::load(&usage_file)?;
     let now = now_unix();
     let text = if args.json {
-        json(&list, now)?
+        json(&list, &usage, now)?
     } else {
-        table(&list, now)
+        table(&list, &usage, now)
     };
     print_stdout(&text)
 }
@@ -386,6 +396,9 @@ struct Row<'a> {
     expires_at: Option<&'a str>,
     label: Option<&'a str>,
     status: &'static str,
+    /// RFC 3339, `null` when never reported.
+    last_used: Option<String>,
+    requests_24h: u64,
 }
 
 /// `keys list --json` output.
@@ -395,7 +408,15 @@ struct Listing<'a> {
     keys: Vec<Row<'a>>,
 }
 
-fn json(list: &KeyList, now: i64) -> Result<String> {
+/// A key's last use (RFC 3339) and its requests in the last 24 h.
+fn usage_of(usage: &UsageFile, id: &str, now: i64) -> (Option<String>, u64) {
+    usage
+        .keys
+        .get(id)
+        .map_or((None, 0), |u| (rfc3339(u.last_used).ok(), u.last_24h(now)))
+}
+
+fn json(list: &KeyList, usage: &UsageFile, now: i64) -> Result<String> {
     let listing = Listing {
         version: list.version,
         keys: list
@@ -409,6 +430,8 @@ fn json(list: &KeyList, now: i64) -> Result<String> {
                 expires_at: k.expires_at.as_deref(),
                 label: k.label.as_deref(),
                 status: status(k, now),
+                last_used: usage_of(usage, &k.id, now).0,
+                requests_24h: usage_of(usage, &k.id, now).1,
             })
             .collect(),
     };
@@ -418,11 +441,22 @@ fn json(list: &KeyList, now: i64) -> Result<String> {
     Ok(text)
 }
 
-fn table(list: &KeyList, now: i64) -> String {
-    let header = ["ID", "KEY", "SCOPES", "ENV", "EXPIRES", "STATUS", "LABEL"];
-    let mut rows: Vec<[String; 7]> = vec![header.map(String::from)];
+fn table(list: &KeyList, usage: &UsageFile, now: i64) -> String {
+    let header = [
+        "ID",
+        "KEY",
+        "SCOPES",
+        "ENV",
+        "EXPIRES",
+        "STATUS",
+        "LAST USED",
+        "24H",
+        "LABEL",
+    ];
+    let mut rows: Vec<[String; 9]> = vec![header.map(String::from)];
     for k in &list.keys {
         let or_dash = |s: Option<&str>| s.map_or("-".to_string(), printable);
+        let (last_used, day) = usage_of(usage, &k.id, now);
         rows.push([
             printable(&k.id),
             or_dash(k.display.as_deref()),
@@ -436,10 +470,12 @@ fn table(list: &KeyList, now: i64) -> String {
                 .as_deref()
                 .map_or("never".to_string(), printable),
             status(k, now).to_string(),
+            last_used.unwrap_or_else(|| "never".to_string()),
+            day.to_string(),
             or_dash(k.label.as_deref()),
         ]);
     }
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; 9];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -528,17 +564,33 @@ mod tests {
             version: 3,
             keys: vec![a, key("longer-id")],
         };
-        let t = table(&list, 0);
+        let mut usage = UsageFile::default();
+        usage.add_report(
+            &keygate_core::usage::UsageReport {
+                keys: vec![keygate_core::usage::ReportedKey {
+                    id: "longer-id".into(),
+                    requests: 12,
+                    last_used: 1_800_000_000,
+                }],
+            },
+            1_800_000_005,
+        );
+        let t = table(&list, &usage, 1_800_000_010);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert!(
-            lines[0].starts_with("ID         KEY       SCOPES      ENV  EXPIRES  STATUS  LABEL"),
+        assert_eq!(
+            lines[0],
+            "ID         KEY       SCOPES      ENV  EXPIRES  STATUS  LAST USED             24H  LABEL",
             "{t}"
         );
-        assert!(
-            lines[1].starts_with(
-                "a          sk_…abcd  read,write  -    never    active  bad\\u{1b}[31m"
-            ),
+        assert_eq!(
+            lines[1],
+            "a          sk_…abcd  read,write  -    never    active  never                 0    bad\\u{1b}[31m",
+            "{t}"
+        );
+        assert_eq!(
+            lines[2],
+            "longer-id  -         -           -    never    active  2027-01-15T08:00:00Z  12   -",
             "{t}"
         );
         assert!(!t.contains('\x1b'));

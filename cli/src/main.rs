@@ -8,6 +8,7 @@ mod keygen;
 mod keys;
 mod serve;
 mod tls;
+mod usage;
 mod validate;
 
 use std::process::ExitCode;
@@ -49,8 +50,10 @@ enum Command {
     /// a matching If-None-Match gets 304. GET /healthz answers 200. The file
     /// is checked for changes every --poll-ms and reloaded; a broken file, or
     /// one with an older version, keeps the current list served and the
-    /// reason is logged on stderr. HTTP/1.1 only, no TLS: listen on a trusted
-    /// network or behind a proxy.
+    /// reason is logged on stderr. POST /v1/usage takes the usage reports of
+    /// Envoys (`control_plane.usage_report_interval`) into a file beside the
+    /// list, which `keygate keys list` reads. HTTP/1.1; TLS and client
+    /// certificates with --tls-cert, --tls-key and --client-ca.
     Serve(serve::ServeArgs),
 }
 

@@ -8,6 +8,8 @@
 //!
 //! With `--tls-cert` and `--tls-key` the listener speaks only TLS (rustls);
 //! `--client-ca` also requires a client certificate chaining to that CA.
+//!
+//! `POST /v1/usage` takes Envoys' usage reports (see `crate::usage`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -51,6 +53,10 @@ pub struct ServeArgs {
     /// Serve only clients whose certificate chains to a CA in this file (PEM); needs --tls-cert.
     #[arg(long, value_name = "CA.pem", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// Where usage reports POSTed to /v1/usage are kept [default: beside
+    /// --keys, `keys.json` → `keys.usage.json`].
+    #[arg(long, value_name = "USAGE.json")]
+    usage: Option<PathBuf>,
 }
 
 /// A TLS handshake not done by then is dropped, so that idle sockets do not pile up.
@@ -104,6 +110,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         first.pages.len()
     ));
     let shared: Shared = Arc::new(RwLock::new(Arc::new(first)));
+    let usage_file = args
+        .usage
+        .clone()
+        .unwrap_or_else(|| crate::usage::file_for(&args.keys));
+    let usage = Arc::new(crate::usage::Recorder::start(usage_file)?);
 
     let listener = std::net::TcpListener::bind(args.listen)
         .map_err(|e| Failure::because(format!("cannot listen on {}", args.listen), e))?;
@@ -145,15 +156,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 }
             };
             let shared = Arc::clone(&shared);
+            let usage = Arc::clone(&usage);
             let tls = tls.clone();
             tokio::spawn(async move {
                 let Some(tls) = tls else {
-                    return serve_connection(stream, shared).await;
+                    return serve_connection(stream, shared, usage).await;
                 };
                 // A failed handshake (plain HTTP, no or untrusted client
                 // certificate) closes the connection before any request is read.
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_connection(stream, shared).await,
+                    Ok(Ok(stream)) => serve_connection(stream, shared, usage).await,
                     Ok(Err(e)) => log(&format!("TLS handshake with {peer} failed: {e}")),
                     Err(_) => log(&format!("TLS handshake with {peer} timed out")),
                 }
@@ -163,13 +175,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 /// Serves HTTP/1.1 requests on one connection, plain or TLS, until it closes.
-async fn serve_connection<S>(stream: S, shared: Shared)
+async fn serve_connection<S>(stream: S, shared: Shared, usage: Arc<crate::usage::Recorder>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let snapshot = current(&shared);
-        async move { Ok::<_, Infallible>(respond(&req, &snapshot)) }
+        let usage = Arc::clone(&usage);
+        async move {
+            if req.uri().path() == crate::usage::PATH {
+                return Ok::<_, Infallible>(usage.handle(req).await);
+            }
+            Ok::<_, Infallible>(respond(&req, &snapshot))
+        }
     });
     // Errors here are the client's (reset, malformed request, header timeout).
     let _ = hyper::server::conn::http1::Builder::new()

@@ -404,6 +404,23 @@ pub struct ControlPlaneConfig {
     /// Largest accepted response body.
     #[serde(default = "default_max_bytes")]
     pub max_list_bytes: usize,
+    /// How often the fetching VM reports per-key usage (`"10s"`); no
+    /// reports when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_report_interval: Option<String>,
+    /// Path usage reports are POSTed to.
+    #[serde(default = "default_usage_path")]
+    pub usage_path: String,
+    /// Most keys in one usage report.
+    #[serde(default = "default_usage_batch_keys")]
+    pub usage_batch_keys: usize,
+}
+
+fn default_usage_path() -> String {
+    "/v1/usage".into()
+}
+fn default_usage_batch_keys() -> usize {
+    1000
 }
 
 /// What to do once the list is older than `max_staleness`.

@@ -11,6 +11,7 @@ use crate::config::{ControlPlaneConfig, StalePolicy};
 use crate::duration::parse_duration_ms;
 use crate::error::ConfigError;
 use crate::keylist::{CompiledKeyList, KeyListPages};
+use crate::usage::{UsageReporting, MAX_REPORT_KEYS};
 
 /// A validated control-plane configuration, durations in milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub struct ControlPlane {
     pub stale_policy: StalePolicy,
     /// Body cap.
     pub max_list_bytes: usize,
+    /// Usage reporting, when `usage_report_interval` is set.
+    pub usage: Option<UsageReporting>,
 }
 
 impl ControlPlane {
@@ -113,6 +116,7 @@ impl ControlPlane {
             c.max_list_bytes >= 1024,
             "must be at least 1024",
         );
+        let usage = compile_usage(c, errors);
         (errors.len() == before).then(|| ControlPlane {
             cluster: c.cluster.clone(),
             authority: c.authority.clone(),
@@ -122,8 +126,45 @@ impl ControlPlane {
             max_staleness_ms,
             stale_policy: c.stale_policy,
             max_list_bytes: c.max_list_bytes,
+            usage,
         })
     }
+}
+
+/// Validates the `usage_*` fields; `None` when reporting is off.
+fn compile_usage(c: &ControlPlaneConfig, errors: &mut Vec<ConfigError>) -> Option<UsageReporting> {
+    let mut fail = |name: &str, message: String| {
+        errors.push(ConfigError {
+            field: format!("control_plane.{name}"),
+            message,
+        });
+    };
+    let path_ok =
+        c.usage_path.starts_with('/') && c.usage_path.bytes().all(|b| b.is_ascii_graphic());
+    if !path_ok {
+        fail("usage_path", "must start with '/'".into());
+    }
+    if !(1..=MAX_REPORT_KEYS).contains(&c.usage_batch_keys) {
+        fail(
+            "usage_batch_keys",
+            format!("{} is not from 1 to {MAX_REPORT_KEYS}", c.usage_batch_keys),
+        );
+    }
+    let interval = c.usage_report_interval.as_deref()?;
+    let Some(interval_ms) =
+        parse_duration_ms(interval).filter(|ms| (1_000..=3_600_000).contains(ms))
+    else {
+        fail(
+            "usage_report_interval",
+            format!("{interval:?} is not a duration from 1s to 1h (e.g. \"10s\")"),
+        );
+        return None;
+    };
+    Some(UsageReporting {
+        interval_ms,
+        path: c.usage_path.clone(),
+        batch_keys: c.usage_batch_keys,
+    })
 }
 
 /// What one fetch produced.

@@ -31,6 +31,7 @@ pub mod request;
 pub mod rules;
 pub mod tally;
 pub mod testing;
+pub mod usage;
 
 pub use denial::{Denial, DenyCode};
 pub use error::ConfigError;

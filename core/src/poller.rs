@@ -256,6 +256,15 @@ impl Poller {
         }
     }
 
+    /// True when this VM holds the fetch lease at `now` (read only; the
+    /// tick takes and renews it). The usage reporter sends from this VM only.
+    pub fn holds_lease(&self, store: &dyn CounterStore, now: u64) -> bool {
+        matches!(
+            store.get(&self.keys.lease),
+            Ok(Some((bytes, _))) if Lease::decode(&bytes).is_some_and(|l| l.holder == self.me && l.until_ns > now)
+        )
+    }
+
     /// Takes or renews the lease; true if this VM holds it now.
     fn hold_lease(&self, store: &dyn CounterStore, now: u64, cp: &ControlPlane) -> bool {
         let (current, cas) = match store.get(&self.keys.lease) {

@@ -8,6 +8,11 @@ use crate::denial::{Denial, DenyCode, KeyLabel};
 use crate::rules::{AttachmentCheck, Effect};
 
 impl Policy {
+    /// The key of a held request (for counting it once it is let through).
+    pub fn held_key(&self, hold: Hold) -> Option<crate::keys::KeyRef<'_>> {
+        self.keys.at(hold.record)
+    }
+
     /// Finishes a held request: reads the attachment value from the buffered
     /// JSON body and checks it against the key. `truncated` means the body
     /// went over `max_body_bytes`.
