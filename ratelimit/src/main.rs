@@ -89,11 +89,30 @@ fn main() -> ExitCode {
 }
 
 /// Connects to Redis, retrying every second until it answers.
-async fn connect(redis: &str) -> AsyncRedisStorage {
+///
+/// The connection manager gets timeouts and a reconnect backoff of half a
+/// second: with redis-rs's defaults a command waits without end on a Redis
+/// that stopped answering, and a reconnect after a Redis restart waits up
+/// to a minute. Envoy's own `timeout` still bounds every check.
+async fn connect(redis: &str) -> Result<AsyncRedisStorage, String> {
+    let client = redis::Client::open(redis).map_err(|e| format!("--redis {redis}: {e}"))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_millis(500))
+        .set_response_timeout(Duration::from_secs(1))
+        .set_factor(1)
+        .set_max_delay(500)
+        .set_number_of_retries(2);
     let mut told = false;
     loop {
-        match AsyncRedisStorage::new(redis).await {
-            Ok(storage) => return storage,
+        let storage =
+            match redis::aio::ConnectionManager::new_with_config(client.clone(), config.clone())
+                .await
+            {
+                Ok(manager) => AsyncRedisStorage::new_with_conn_manager(manager).await,
+                Err(e) => Err(e),
+            };
+        match storage {
+            Ok(storage) => return Ok(storage),
             Err(e) if !told => {
                 eprintln!("keygate-ratelimit: redis {redis}: {e} (retrying every second)");
                 told = true;
@@ -145,7 +164,7 @@ async fn serve(
     let mut source = Source::new(config, control_plane)?;
     let first = source.refresh().await?;
     let limiter = Arc::new(AsyncRateLimiter::new_with_storage(Box::new(
-        connect(&redis).await,
+        connect(&redis).await?,
     )));
     let table = Arc::new(RwLock::new(Arc::new(FleetTable::default())));
     if let Some(next) = first {

@@ -143,3 +143,57 @@ impl RateLimitService for Service {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_core::Policy;
+    use limitador::RateLimiter;
+
+    /// Two limits with the same window stay two limits in limitador, each
+    /// counted per subject, and the refusal names the one that refused.
+    #[test]
+    fn limits_with_one_window_stay_apart_and_count_per_subject() {
+        let sha = |c: char| c.to_string().repeat(64);
+        let json = format!(
+            r#"{{"keys": [
+                 {{"id": "a", "sha256": "{}", "rate_limits": [
+                    {{"name": "wide", "requests": 5, "per": "1m"}},
+                    {{"name": "narrow", "requests": 3, "per": "1m"}}]}},
+                 {{"id": "b", "sha256": "{}", "rate_limits": [
+                    {{"name": "wide", "requests": 5, "per": "1m"}},
+                    {{"name": "narrow", "requests": 3, "per": "1m"}}]}}]}}"#,
+            sha('a'),
+            sha('b')
+        );
+        let table = match Policy::from_json(json.as_bytes()) {
+            Ok(p) => FleetTable::from_policy(&p),
+            Err(e) => unreachable!("bad configuration: {e:?}"),
+        };
+        let limits = limitador_limits(&table).unwrap_or_default();
+        assert_eq!(limits.len(), 2);
+        let limiter = RateLimiter::new(1000);
+        for l in limits {
+            assert!(limiter.add_limit(l));
+        }
+        let mut take = |id: &str| {
+            let counted = table.lookup(id, None);
+            let Some(counted) = counted else {
+                unreachable!("{id} is limited")
+            };
+            let ctx = Context::from(HashMap::from([(SUBJECT.to_string(), counted.subject)]));
+            match limiter.check_rate_limited_and_update(
+                &counted.set.namespace.as_str().into(),
+                &ctx,
+                1,
+            ) {
+                Ok(r) => r.limit_name.filter(|_| r.limited),
+                Err(e) => unreachable!("in-memory storage failed: {e}"),
+            }
+        };
+        let a: Vec<_> = (0..4).map(|_| take("a")).collect();
+        assert_eq!(a, [None, None, None, Some("narrow".to_string())]);
+        // b shares the namespace, not the counters.
+        assert_eq!(take("b"), None);
+    }
+}

@@ -134,8 +134,12 @@ impl Source {
             return Ok(false);
         };
         let first = uri.path_and_query().map_or("/", |p| p.as_str());
-        let (status, etag, body) =
-            get(uri, first, self.etag.as_deref().map(|e| ("if-none-match", e))).await?;
+        let (status, etag, body) = get(
+            uri,
+            first,
+            self.etag.as_deref().map(|e| ("if-none-match", e)),
+        )
+        .await?;
         if status == StatusCode::NOT_MODIFIED {
             return Ok(false);
         }
@@ -190,9 +194,7 @@ async fn get(
         if let Some((name, value)) = condition {
             request = request.header(name, value);
         }
-        let request = request
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| fail(&e))?;
+        let request = request.body(Empty::<Bytes>::new()).map_err(|e| fail(&e))?;
         let response = sender.send_request(request).await.map_err(|e| fail(&e))?;
         let status = response.status();
         let etag = response

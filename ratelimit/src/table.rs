@@ -279,13 +279,17 @@ mod tests {
         assert_eq!(k1, k2);
         assert_eq!(k1.subject, "c:acme");
         // A key whose id equals the consumer's name counts apart from it.
-        let own = t.lookup("acme", None).map(|c| (c.subject, c.set.limits[0].max));
+        let own = t
+            .lookup("acme", None)
+            .map(|c| (c.subject, c.set.limits[0].max));
         assert_eq!(own, Some(("k:acme".to_string(), 9)));
     }
 
     #[test]
     fn no_limit_anywhere_means_no_check() {
-        let p = policy(&format!(r#"{{"keys": [{{"id": "a", "sha256": "{SHA_A}"}}]}}"#));
+        let p = policy(&format!(
+            r#"{{"keys": [{{"id": "a", "sha256": "{SHA_A}"}}]}}"#
+        ));
         let t = FleetTable::from_policy(&p);
         assert_eq!(t.lookup("a", None), None);
         assert_eq!(t.lookup("unknown", None), None);
