@@ -5,7 +5,8 @@
 #
 # Installs what is missing (the wasm32-wasip1 and wasm32-unknown-unknown Rust
 # targets; wasm-bindgen's test runner under target/; binaryen and Node from
-# Debian, and for the Istio and remote-fetch tests umoci, skopeo and nginx; a
+# Debian, for the Istio and remote-fetch tests umoci, skopeo and nginx, and
+# redis-server for the fleet-limit tests; a
 # project-local .venv with Envoy, pytest, httpx, grpcio, PyYAML and
 # check-jsonschema), then: rustfmt, clippy (native and wasm), the Rust tests
 # natively, keygate-core's tests again compiled to Wasm (under Node), the
@@ -125,7 +126,8 @@ ensure_binaryen() {
 
 # ensure_apt_tools PACKAGE COMMAND...: installs the Debian package PACKAGE
 # with apt-get when any of the COMMANDs is missing, then insists on all of
-# them (scripts/oci.sh: umoci, skopeo; the remote-fetch tests: nginx).
+# them (scripts/oci.sh: umoci, skopeo; the remote-fetch tests: nginx; the
+# fleet-limit tests: redis-server).
 ensure_apt_tools() {
   local pkg="$1" cmd
   shift
@@ -213,6 +215,8 @@ main() {
   ensure_rust
   ensure_venv
   ensure_binaryen
+  # The fleet-limit tests (tests/e2e/test_fleet_limits.py) start a real Redis.
+  ensure_apt_tools redis-server redis-server
   echo "envoy: $("$(envoy_bin)" --version | grep -o 'version: .*' || true)"
 
   step "cargo fmt --check"
@@ -241,6 +245,9 @@ main() {
   step "cargo build --profile crash-test --features crash-test (for tests/e2e/test_crash.py)"
   build_crash_test_wasm
   echo "crash-test keygate.wasm: $(wc -c <"$KEYGATE_CRASH_WASM" | tr -d ' ') bytes ($KEYGATE_CRASH_WASM)"
+
+  step "cargo build -p keygate-ratelimit (the fleet rate-limit service, for tests/e2e/test_fleet_limits.py)"
+  cargo build -p keygate-ratelimit
 
   step "end-to-end tests (pytest tests/e2e)"
   KEYGATE_REQUIRE_WASM=1 ENVOY_BIN="$(envoy_bin)" \
