@@ -176,7 +176,7 @@ mod tests {
         for l in limits {
             assert!(limiter.add_limit(l));
         }
-        let mut take = |id: &str| {
+        let take = |id: &str| {
             let counted = table.lookup(id, None);
             let Some(counted) = counted else {
                 unreachable!("{id} is limited")
