@@ -8,9 +8,12 @@ KEYGATE_REQUIRE_WASM=1 (scripts/test.sh), where they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import subprocess
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -183,3 +186,45 @@ def test_redis_down_fails_open_or_closed_and_recovers(envoys: Any, redis: Redis)
         recovered = harness.wait_until(lambda: send(closed, PROBE).status == 200, timeout=10.0)
         assert recovered, rls.log_text()[-2000:]
         assert statuses(closed, 3) == [200, 200, 429]
+
+
+def test_limits_from_a_control_plane_list_in_pages(envoys: Any, redis: Redis, tmp_path: Path) -> None:
+    """The service polls `keygate serve` (two-key pages): the list's limits
+    apply, and a new version of the list replaces them."""
+    cli = harness.REPO_ROOT / "target" / "debug" / "keygate"
+    _need(cli.exists(), f"{cli} not built (cargo build -p keygate-cli)")
+
+    def write_list(version: int, requests: int) -> None:
+        limit = {"requests": requests, "per": "1m"}
+        keys = [harness.key_entry(f"filler-{i}", harness.new_key(), limit) for i in range(3)]
+        keys.append(harness.key_entry("fleet-key", KEY, limit))
+        tmp = tmp_path / "keys.json.tmp"
+        tmp.write_text(json.dumps({"version": version, "keys": keys}))
+        os.replace(tmp, tmp_path / "keys.json")
+
+    write_list(1, 2)
+    port = harness.free_port()
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen(
+        [str(cli), "serve", "--keys", str(tmp_path / "keys.json"), "--listen", f"127.0.0.1:{port}",
+         "--page-size", "2"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1/keys"
+        with RateLimitService(None, redis.url, control_plane=url) as rls:
+            assert harness.wait_until(lambda: "version 1 loaded" in rls.log_text(), timeout=10), rls.log_text()
+            # keygate itself: the key without a local limit.
+            cfg = {"keys": [harness.key_entry("fleet-key", KEY)]}
+            a = envoys(cfg, rls.port)
+            b = envoys(cfg, rls.port)
+            assert [send(a).status, send(b).status, send(a).status] == [200, 200, 429]
+            write_list(2, 4)
+            assert harness.wait_until(lambda: "version 2 loaded" in rls.log_text(), timeout=10), rls.log_text()
+            # New limits, new counters: 4 more.
+            assert statuses(b, 5) == [200, 200, 200, 200, 429]
+    finally:
+        serve.terminate()
+        serve.wait(timeout=5)
+        log.close()

@@ -216,16 +216,27 @@ def rls_binary() -> Path:
 
 class RateLimitService:
     """`keygate-ratelimit serve` on a free port, reading `plugin_config`
-    (written to a file; `update()` rewrites it)."""
+    (written to a file; none when it is None) and/or polling `control_plane`."""
 
-    def __init__(self, plugin_config: Any, redis_url: str, *, poll: float = 0.2, port: Optional[int] = None):
+    def __init__(
+        self,
+        plugin_config: Any,
+        redis_url: str,
+        *,
+        poll: float = 0.2,
+        port: Optional[int] = None,
+        control_plane: Optional[str] = None,
+    ):
         self.port = port or free_port()
         self.redis_url = redis_url
         self.poll = poll
+        self.control_plane = control_plane
         self.workdir = Path(tempfile.mkdtemp(prefix="keygate-rls-"))
         self.config_path = self.workdir / "keygate.json"
         self.log_path = self.workdir / "rls.log"
-        self.config_path.write_text(json.dumps(plugin_config))
+        self.with_config = plugin_config is not None
+        if self.with_config:
+            self.config_path.write_text(json.dumps(plugin_config))
         self.proc: Optional[subprocess.Popen] = None
         self._out: Any = None
 
@@ -234,8 +245,11 @@ class RateLimitService:
         if not binary.exists():
             raise FileNotFoundError(f"{binary} not built (cargo build -p keygate-ratelimit)")
         self._out = open(self.log_path, "ab")
+        source = ["--config", str(self.config_path)] if self.with_config else []
+        if self.control_plane:
+            source += ["--control-plane", self.control_plane]
         self.proc = spawn(
-            [str(binary), "serve", "--config", str(self.config_path), "--redis", self.redis_url,
+            [str(binary), "serve", *source, "--redis", self.redis_url,
              "--listen", f"127.0.0.1:{self.port}", "--poll", str(self.poll)],
             stdout=self._out,
             stderr=subprocess.STDOUT,
