@@ -14,7 +14,7 @@ Prints ONE JSON line on stdout (progress goes to stderr):
 
 Needs the release keygate.wasm (scripts/test.sh), redis-server and
 keygate-ratelimit (`KEYGATE_RLS`, else target/release, else target/debug;
-built in release when none exists). Traffic stays on 127.0.0.1; every load
+built in release with scripts/ratelimit.sh when none exists). Traffic stays on 127.0.0.1; every load
 loop is bounded in time and in requests.
 
 Callable from another script: `measure(seconds, rate, ...)` returns the dict.
@@ -126,7 +126,7 @@ def ensure_rls(quick: bool) -> Path:
     if not path.exists():
         profile = [] if quick else ["--release"]
         log(f"building keygate-ratelimit ({'debug' if quick else 'release'})")
-        subprocess.run(["cargo", "build", "-q", "-p", "keygate-ratelimit", *profile], cwd=ROOT, check=True)
+        subprocess.run(["bash", str(ROOT / "scripts" / "ratelimit.sh"), "build", "-q", *profile], cwd=ROOT, check=True)
         path = rls_binary()
     return path
 

@@ -2,7 +2,7 @@
 it, asking `keygate-ratelimit` (limitador on a real `redis-server`).
 
 Needs `redis-server` (Debian package) and `target/*/keygate-ratelimit`
-(`cargo build -p keygate-ratelimit`); skipped without them unless
+(`bash scripts/ratelimit.sh build`); skipped without them unless
 KEYGATE_REQUIRE_WASM=1 (scripts/test.sh), where they fail.
 """
 
@@ -33,7 +33,7 @@ def _need(ok: bool, msg: str) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _tools(wasm: Any) -> None:
     _need(shutil.which("redis-server") is not None, "redis-server not installed (apt-get install redis-server)")
-    _need(rls_binary().exists(), f"{rls_binary()} not built (cargo build -p keygate-ratelimit)")
+    _need(rls_binary().exists(), f"{rls_binary()} not built (bash scripts/ratelimit.sh build)")
 
 
 @pytest.fixture

@@ -243,7 +243,7 @@ class RateLimitService:
     def start(self, timeout: float = 20.0) -> "RateLimitService":
         binary = rls_binary()
         if not binary.exists():
-            raise FileNotFoundError(f"{binary} not built (cargo build -p keygate-ratelimit)")
+            raise FileNotFoundError(f"{binary} not built (bash scripts/ratelimit.sh build)")
         self._out = open(self.log_path, "ab")
         source = ["--config", str(self.config_path)] if self.with_config else []
         if self.control_plane:
