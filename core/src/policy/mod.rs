@@ -193,6 +193,12 @@ impl Policy {
         }
     }
 
+    /// The default limits (top-level `rate_limit` or `rate_limits`), for
+    /// keys without their own.
+    pub fn default_limits(&self) -> &[NamedLimit] {
+        &self.default_limits
+    }
+
     /// Names this filter's buckets after its plugin name (see
     /// [`ratelimit::bucket_scope`]), so that filters sharing a VM count apart.
     pub fn scope_buckets(&mut self, plugin_name: &str) {
