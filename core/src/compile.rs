@@ -163,6 +163,7 @@ impl Policy {
                     bucket_scope: bucket_scope(""),
                     consumer_scope: consumer_scope(&bucket_scope("")),
                     mode: cfg.mode,
+                    forward_with: cfg.forward_with,
                     blocked: BlockedBuckets::default(),
                 })
             }
