@@ -19,6 +19,10 @@ NO_AUTH = ("baseline", "empty-wasm", "empty-trimmed")
 # keygate in shadow mode: its "401" and "429" requests are the shadow path,
 # decided and reported as refusals, then forwarded (200).
 SHADOW = ("keygate-10-shadow",)
+# Variants of keygate-10's allowed path measured on the direct route only
+# (HTTP/1.1 under load and at one connection): the allowed key belongs to a
+# consumer, or carries four named limits (one shared-data value for all).
+DIRECT_ONLY = ("keygate-10-consumer", "keygate-10-4limits")
 
 
 def _ok(prefix: str) -> dict:
@@ -35,12 +39,33 @@ def key_list(n: int, extra: list[dict]) -> list[dict]:
     return out
 
 
-def keygate_config(keys: list[dict], mode: str = "enforce") -> str:
-    """keygate's plugin configuration for `keys` in `mode`, with a default limit too large to reach."""
+def keygate_config(keys: list[dict], mode: str = "enforce", **extra: str) -> str:
+    """keygate's plugin configuration for `keys` in `mode`, with a default
+    limit too large to reach, and the top-level fields `extra` (e.g.
+    `forward_with="filter_state"`)."""
     cfg: dict = {"keys": keys, "rate_limit": {"requests_per_second": 1000000, "burst": 1000000}}
     if mode != "enforce":  # the default: left out, so that older builds load the same configuration (compare.py)
         cfg["mode"] = mode
+    cfg.update(extra)
     return json.dumps(cfg, separators=(",", ":"))
+
+
+def huge_limits(n: int) -> list[dict]:
+    """`n` named limits too large to reach, as a key's `rate_limits`."""
+    return [{"name": f"l{i}", "requests_per_second": 1000000 + i, "burst": 1000000} for i in range(n)]
+
+
+def proxy_route_headers(http_filters: list[dict]) -> dict:
+    """The proxied route's header fields: for a keygate filter with
+    `"forward_with": "filter_state"`, the removals and additions that mode
+    needs (harness.filter_state_headers); otherwise none."""
+    for f in http_filters:
+        value = f.get("typed_config", {}).get("config", {}).get("configuration", {}).get("value", "")
+        if "forward_with" in value:
+            cfg = json.loads(value)
+            if cfg.get("forward_with") == "filter_state":
+                return harness.filter_state_headers(cfg)
+    return {}
 
 
 def wasm_filter(name: str, root_id: str, wasm: Path, configuration: str) -> dict:
@@ -111,7 +136,7 @@ def bootstrap(
     routes = [_ok("/direct")]
     clusters = []
     if upstream_port is not None:
-        routes.append({"match": {"prefix": "/proxy"}, "route": {"cluster": "upstream"}})
+        routes.append({"match": {"prefix": "/proxy"}, "route": {"cluster": "upstream"}, **proxy_route_headers(http_filters)})
         clusters.append(harness.static_cluster("upstream", upstream_port))
     listener = harness.listener(port, http_filters, routes=routes)
     if listener_metadata is not None:
