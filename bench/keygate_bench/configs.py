@@ -52,7 +52,7 @@ def keygate_config(keys: list[dict], mode: str = "enforce", **extra: str) -> str
 
 def huge_limits(n: int) -> list[dict]:
     """`n` named limits too large to reach, as a key's `rate_limits`."""
-    return [{"name": f"l{i}", "requests_per_second": 1000000 + i, "burst": 1000000} for i in range(n)]
+    return [{"name": f"l{i}", "requests_per_second": 1000000 - i, "burst": 1000000} for i in range(n)]
 
 
 def proxy_route_headers(http_filters: list[dict]) -> dict:
