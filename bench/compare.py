@@ -7,7 +7,8 @@
 A build may name a configuration variant after a colon: `no-limit` (no rate
 limits, so no clock, bucket get or CAS set; no 429 path), `no-strip`
 (`strip_credentials: false`), `no-limit-no-strip`, or `100k` (100,000 keys, as
-bench.py's `keygate-100k`; also `100k-no-limit`, `100k-no-strip`); the default is the
+bench.py's `keygate-100k`; also `100k-no-limit`, `100k-no-strip`), or `filter-state`
+(`"forward_with": "filter_state"`, as bench.py's `keygate-10-fs`); the default is the
 `keygate-10` configuration of bench.py. `floor` marks a module that is not
 keygate, such as the bench's empty filter
 (`target/bench-empty/wasm32-wasip1/release/keygate_bench_empty.wasm`): only its
@@ -72,7 +73,7 @@ def default_envoy() -> Path | None:
         return None
 
 
-VARIANTS = ("default", "no-limit", "no-strip", "no-limit-no-strip", "floor", "100k", "100k-no-limit", "100k-no-strip")
+VARIANTS = ("default", "no-limit", "no-strip", "no-limit-no-strip", "floor", "100k", "100k-no-limit", "100k-no-strip", "filter-state")
 
 
 def split_build(arg: str) -> tuple[Path, str]:
@@ -97,6 +98,9 @@ def variant_config(variant: str, allowed: str, limited: str) -> str:
         config.pop("rate_limit", None)
     if "no-strip" in variant:
         config["strip_credentials"] = False
+    if variant == "filter-state":
+        # The proxied route then carries the headers (configs.proxy_route_headers).
+        config["forward_with"] = "filter_state"
     return json.dumps(config, separators=(",", ":"))
 
 

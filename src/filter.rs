@@ -7,7 +7,7 @@ use std::rc::Rc;
 use keygate_core::denial::KeyLabel;
 use keygate_core::headers::HeaderMap;
 use keygate_core::host::parse_source_address;
-use keygate_core::policy::{Decision, Denied, Edits, Hold};
+use keygate_core::policy::{Decision, Denied, Edits, Hold, IDENTITY_FILTER_STATE};
 use keygate_core::ratelimit::{ensure_bucket, CounterStore};
 use keygate_core::reply::{EncodedReply, ReplyBook};
 use keygate_core::{Denial, DenyCode, Host, Policy};
@@ -332,10 +332,23 @@ impl HttpContext for KeygateRequest {
 }
 
 /// Strips credentials and spoofed copies, sets the identity and the
-/// forwarded key fields. False if one of them could not be set.
+/// forwarded key fields: as headers, or with `"forward_with":
+/// "filter_state"` as filter state for the route to put in headers (no
+/// request-header edit, so Envoy keeps its route cache). False if one of
+/// them could not be set.
 fn apply_edits(edits: &Edits<'_, '_>) -> bool {
     for name in edits.remove.iter().copied().chain(edits.strip()) {
         let _ = abi::remove_request_header(name);
+    }
+    if edits.to_filter_state {
+        let identity = edits
+            .identity
+            .map(|(_, v)| (IDENTITY_FILTER_STATE, v.into()));
+        let fields = edits.fields().map(|(_, f, v)| (f.filter_state_name(), v));
+        return identity
+            .into_iter()
+            .chain(fields)
+            .all(|(name, value)| abi::set_filter_state(name, value.as_bytes()).is_ok());
     }
     let identity = edits.identity.into_iter().map(|(n, v)| (n, v.into()));
     identity

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import harness
 
 from .children import UPSTREAM_CORE, spawn, stop_all_children, stop_child
-from .configs import CP_CLUSTER, NO_AUTH, SHADOW, USAGE_CONTROL_PLANE, key_list, keygate_config, native_filters, upstream_bootstrap, wasm_filter
+from .configs import CP_CLUSTER, DIRECT_ONLY, NO_AUTH, SHADOW, USAGE_CONTROL_PLANE, huge_limits, key_list, keygate_config, native_filters, upstream_bootstrap, wasm_filter
 from .envoys import Envoy, http_status, new_envoy, shared_envoy, status_or_zero, stop_envoys
 from .measure import Bench, Cell, Settings
 from .probes import host_call_costs, startup_probes
@@ -106,6 +106,9 @@ class Keys:
     kg100k: str  # and with 100,000
     kg10_shadow: str  # 10 keys in shadow mode
     kg10_usage: str  # 10 keys, usage reported to a control plane every second
+    kg10_fs: str  # 10 keys, identity forwarded through filter state
+    kg10_consumer: str  # 10 keys, the allowed key belonging to a consumer
+    kg10_4limits: str  # 10 keys, the allowed key with four named limits
     native: list[tuple[str, str]]  # (id, key) for the native filter
 
     @classmethod
@@ -123,6 +126,9 @@ class Keys:
             kg100k=keygate_config(key_list(100_000, entries)),
             kg10_shadow=keygate_config(key_list(10, entries), mode="shadow"),
             kg10_usage=keygate_config(key_list(10, entries), control_plane=USAGE_CONTROL_PLANE),
+            kg10_fs=keygate_config(key_list(10, entries), forward_with="filter_state"),
+            kg10_consumer=keygate_config(key_list(10, [{**entries[0], "consumer": "bench-team"}, entries[1]])),
+            kg10_4limits=keygate_config(key_list(10, [{**entries[0], "rate_limits": huge_limits(4)}, entries[1]])),
             native=[("bench-allowed", allowed)] + [(f"k{i}", harness.new_key()) for i in range(8)],
         )
 
@@ -144,12 +150,15 @@ def config_defs(inputs: Inputs, keys: Keys, latency_only: bool) -> list[tuple[st
         ("keygate-10-c2", [wasm_filter("keygate", "keygate", inputs.keygate_wasm, keys.kg10)], 2),
         ("keygate-10-shadow", [wasm_filter("keygate-shadow", "keygate", inputs.keygate_wasm, keys.kg10_shadow)], 1),
         ("keygate-10-usage", [wasm_filter("keygate-usage", "keygate", inputs.keygate_wasm, keys.kg10_usage)], 1),
+        ("keygate-10-fs", [wasm_filter("keygate-fs", "keygate", inputs.keygate_wasm, keys.kg10_fs)], 1),
+        ("keygate-10-consumer", [wasm_filter("keygate-consumer", "keygate", inputs.keygate_wasm, keys.kg10_consumer)], 1),
+        ("keygate-10-4limits", [wasm_filter("keygate-4limits", "keygate", inputs.keygate_wasm, keys.kg10_4limits)], 1),
     ]
     if latency_only:
         # One connection sees every configuration's latency through the
         # same scheduler noise; more rounds of the c1 cells alone, paired
         # per round against the baseline, separate the two.
-        defs = [d for d in defs if d[2] == 1]
+        defs = [d for d in defs if d[2] == 1 and d[0] not in DIRECT_ONLY]
     return defs
 
 
@@ -158,6 +167,9 @@ def matrix_cells(names: list[str], latency_only: bool) -> list[Cell]:
     cells: list[Cell] = []
     for name in names:
         auth = name not in NO_AUTH
+        if name in DIRECT_ONLY:
+            cells += [Cell(name, "direct", "allowed", "h1"), Cell(name, "direct", "allowed", "c1")]
+            continue
         for route in ("direct", "proxy"):
             if latency_only:
                 cells.append(Cell(name, route, "allowed", "c1"))

@@ -19,6 +19,10 @@ NO_AUTH = ("baseline", "empty-wasm", "empty-trimmed")
 # keygate in shadow mode: its "401" and "429" requests are the shadow path,
 # decided and reported as refusals, then forwarded (200).
 SHADOW = ("keygate-10-shadow",)
+# Variants of keygate-10's allowed path measured on the direct route only
+# (HTTP/1.1 under load and at one connection): the allowed key belongs to a
+# consumer, or carries four named limits (one shared-data value for all).
+DIRECT_ONLY = ("keygate-10-consumer", "keygate-10-4limits")
 
 
 def _ok(prefix: str) -> dict:
@@ -35,13 +39,16 @@ def key_list(n: int, extra: list[dict]) -> list[dict]:
     return out
 
 
-def keygate_config(keys: list[dict], mode: str = "enforce", control_plane: Optional[dict] = None) -> str:
-    """keygate's plugin configuration for `keys` in `mode`, with a default limit too large to reach."""
+def keygate_config(keys: list[dict], mode: str = "enforce", control_plane: Optional[dict] = None, **extra: str) -> str:
+    """keygate's plugin configuration for `keys` in `mode`, with a default
+    limit too large to reach, an optional `control_plane`, and the top-level
+    fields `extra` (e.g. `forward_with="filter_state"`)."""
     cfg: dict = {"keys": keys, "rate_limit": {"requests_per_second": 1000000, "burst": 1000000}}
     if mode != "enforce":  # the default: left out, so that older builds load the same configuration (compare.py)
         cfg["mode"] = mode
     if control_plane is not None:
         cfg["control_plane"] = control_plane
+    cfg.update(extra)
     return json.dumps(cfg, separators=(",", ":"))
 
 
@@ -51,6 +58,24 @@ CP_CLUSTER = "keygate_cp"
 # Usage reported every second (the shortest interval allowed), so that a
 # measurement second holds a merge on every tick and a report.
 USAGE_CONTROL_PLANE = {"cluster": CP_CLUSTER, "authority": "keygate-cp", "poll_interval": "1s", "usage_report_interval": "1s"}
+
+
+def huge_limits(n: int) -> list[dict]:
+    """`n` named limits too large to reach, as a key's `rate_limits`."""
+    return [{"name": f"l{i}", "requests_per_second": 1000000 - i, "burst": 1000000} for i in range(n)]
+
+
+def proxy_route_headers(http_filters: list[dict]) -> dict:
+    """The proxied route's header fields: for a keygate filter with
+    `"forward_with": "filter_state"`, the removals and additions that mode
+    needs (harness.filter_state_headers); otherwise none."""
+    for f in http_filters:
+        value = f.get("typed_config", {}).get("config", {}).get("configuration", {}).get("value", "")
+        if "forward_with" in value:
+            cfg = json.loads(value)
+            if cfg.get("forward_with") == "filter_state":
+                return harness.filter_state_headers(cfg)
+    return {}
 
 
 def wasm_filter(name: str, root_id: str, wasm: Path, configuration: str) -> dict:
@@ -122,7 +147,7 @@ def bootstrap(
     routes = [_ok("/direct")]
     clusters = list(clusters or [])
     if upstream_port is not None:
-        routes.append({"match": {"prefix": "/proxy"}, "route": {"cluster": "upstream"}})
+        routes.append({"match": {"prefix": "/proxy"}, "route": {"cluster": "upstream"}, **proxy_route_headers(http_filters)})
         clusters.append(harness.static_cluster("upstream", upstream_port))
     listener = harness.listener(port, http_filters, routes=routes)
     if listener_metadata is not None:

@@ -110,6 +110,7 @@ def print_report(sm: dict) -> None:
             f"{fmt_lat(r['p50_us']):>8s} {fmt_lat(r['p99_us']):>8s} {fmt_lat(r['c1_p50_us']):>8s} {fmt_lat(r['c1_p99_us']):>8s} "
             f"{fmt(r.get('c1_p99_added_over_baseline_paired'), '+.0f'):>6s} {fmt(r['envoy_cpu_pct'], '.0f'):>4s} {r['samples']:>3d}/{r['dropped_busy']:<2d}"
         )
+    print_targets(sm)
     print()
     print("== memory and startup ==")
     for name, e in sm["envoys"].items():
@@ -127,6 +128,61 @@ def print_report(sm: dict) -> None:
     )
     m = sm["machine"]
     print(f"  loadavg at start {m['loadavg_start']}, at end {m['loadavg_end']}; total {sm['elapsed_s']:.0f}s")
+
+
+def _paired(sm: dict, a: str, b: str, field: str = "us_per_req", op=lambda x, y: x - y) -> Optional[float]:
+    """Median over rounds of op(a's field, b's field) for two cells
+    (`config/route/path/kind`) measured in the same round."""
+    raw = sm["raw_samples"]
+    by_a = {r["round"]: r[field] for r in raw.get(a, []) if r.get(field) is not None}
+    by_b = {r["round"]: r[field] for r in raw.get(b, []) if r.get(field) is not None}
+    vals = sorted(op(by_a[k], by_b[k]) for k in by_a if k in by_b)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def print_targets(sm: dict) -> None:
+    """The performance issue's targets, each figure paired per round."""
+    kgs = [c for c in ("keygate-10", "keygate-100k", "keygate-10-fs") if f"{c}/direct/allowed/h1" in sm["raw_samples"]]
+    if not kgs:
+        return
+    rounds = sm["settings"]["rounds"]
+
+    def each(f) -> str:
+        return ", ".join(f"{c} {f(c)}" for c in kgs)
+
+    print()
+    print(f"== targets (paired per round, medians over {rounds} rounds; direct route, HTTP/1.1 unless noted) ==")
+    print("  own work over the empty filter, allowed (goal <= 5 us): "
+          + each(lambda c: fmt(_paired(sm, f"{c}/direct/allowed/h1", "empty-wasm/direct/allowed/h1"), "+.1f")))
+    print("  c1 p99 over no filter (goal <= +50 us): "
+          + each(lambda c: fmt(_paired(sm, f"{c}/direct/allowed/c1", "baseline/direct/allowed/c1", "p99_us"), "+.0f"))
+          + "; proxied: "
+          + each(lambda c: fmt(_paired(sm, f"{c}/proxy/allowed/c1", "baseline/proxy/allowed/c1", "p99_us"), "+.0f")))
+    print("  c1 CPU per request over the empty filter: "
+          + each(lambda c: fmt(_paired(sm, f"{c}/direct/allowed/c1", "empty-wasm/direct/allowed/c1"), "+.1f"))
+          + "; proxied: "
+          + each(lambda c: fmt(_paired(sm, f"{c}/proxy/allowed/c1", "empty-wasm/proxy/allowed/c1"), "+.1f")))
+    ratio = lambda x, y: x / y  # noqa: E731
+    print("  proxied allowed RPS / native's (goal >= 0.90): "
+          + each(lambda c: fmt(_paired(sm, f"{c}/proxy/allowed/h1", "native/proxy/allowed/h1", "rps", ratio), ".2f"))
+          + "; native / baseline "
+          + fmt(_paired(sm, "native/proxy/allowed/h1", "baseline/proxy/allowed/h1", "rps", ratio), ".2f"))
+    for path in ("401", "429"):
+        print(f"  {path} minus allowed (goal < 0): "
+              + each(lambda c: fmt(_paired(sm, f"{c}/direct/{path}/h1", f"{c}/direct/allowed/h1"), "+.1f")))
+    if "keygate-10-shadow/direct/401/h1" in sm["raw_samples"]:
+        print("  shadow minus enforce (goal <= 0): "
+              + ", ".join(f"{p} {fmt(_paired(sm, f'keygate-10-shadow/direct/{p}/h1', f'keygate-10/direct/{p}/h1'), '+.1f')}" for p in ("401", "429")))
+    if "keygate-10-4limits/direct/allowed/h1" in sm["raw_samples"]:
+        per = _paired(sm, "keygate-10-4limits/direct/allowed/h1", "keygate-10/direct/allowed/h1")
+        print(f"  each extra named limit (goal <= +1 us): {fmt(per and per / 3, '+.2f')} (four limits {fmt(per, '+.1f')} over one)")
+    if "keygate-10-consumer/direct/allowed/h1" in sm["raw_samples"]:
+        print("  consumer key over a plain key: "
+              + fmt(_paired(sm, "keygate-10-consumer/direct/allowed/h1", "keygate-10/direct/allowed/h1"), "+.1f"))
+    print(f"  keygate.wasm: {sm['wasm_bytes']['keygate']} bytes (goal < 512 KB)")
 
 
 def render(path: Path) -> int:

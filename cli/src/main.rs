@@ -1,6 +1,7 @@
 //! The `keygate` command: manage a key list file, hash keys, validate
 //! configuration, and serve a key list as the reference control plane.
 
+mod envoy;
 mod error;
 mod hash;
 mod keyfile;

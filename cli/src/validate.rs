@@ -30,6 +30,10 @@ pub enum Kind {
     Config,
     /// A key list (`{"version": N, "keys": [...]}`), as served by a control plane.
     Keys,
+    /// An Envoy configuration (bootstrap or admin `/config_dump`, YAML or
+    /// JSON): every keygate filter's plugin configuration and, for
+    /// `"forward_with": "filter_state"`, the headers of each route behind it.
+    Envoy,
 }
 
 /// Validates the file; prints `ok: N keys`, or fails with one line per problem.
@@ -49,6 +53,9 @@ pub fn run(args: ValidateArgs) -> Result<()> {
         Kind::Auto => detect(&bytes),
         k => k,
     };
+    if kind == Kind::Envoy {
+        return check_envoy(&bytes);
+    }
     let keys = match kind {
         Kind::Keys => validate_key_list(&bytes).map(|list| list.keys.len()),
         _ => Policy::from_json(&bytes).map(|policy| policy.keys().len()),
@@ -58,6 +65,23 @@ pub fn run(args: ValidateArgs) -> Result<()> {
         eprintln!("warning: {warning}");
     }
     print_stdout(&format!("ok: {keys} keys\n"))
+}
+
+/// `--kind envoy`: one `ok:` line per keygate filter, or one error line per problem.
+fn check_envoy(bytes: &[u8]) -> Result<()> {
+    let text = std::str::from_utf8(bytes).map_err(|e| Failure::because("not UTF-8", e))?;
+    let report = crate::envoy::check(text);
+    if !report.errors.is_empty() {
+        return Err(Failure {
+            lines: report.errors,
+        });
+    }
+    let lines: String = report
+        .filters
+        .iter()
+        .map(|f| format!("ok: {f}\n"))
+        .collect();
+    print_stdout(&lines)
 }
 
 /// Records revoked (`revoked_at`) and then set `disabled: false`: the filter

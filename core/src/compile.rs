@@ -35,8 +35,12 @@ impl Policy {
         let mut cfg: PluginConfig = parse_json(bytes, "configuration")?;
         let keys = std::mem::take(&mut cfg.keys);
         let policy = Policy::build(&cfg, keys)?;
-        let rest =
-            serde_json::to_vec(&cfg).map_err(|e| vec![err("configuration", e.to_string())])?;
+        // The text as written with `[]` for the key records: serializing the
+        // parsed configuration again would put serde's serializers (about
+        // 12 KB) in the module for this alone.
+        let rest = crate::json_scan::member_value(bytes, "keys")
+            .and_then(|(start, end)| Some([bytes.get(..start)?, b"[]", bytes.get(end..)?].concat()))
+            .unwrap_or_else(|| bytes.to_vec());
         Ok((policy, rest))
     }
 
@@ -159,6 +163,7 @@ impl Policy {
                     bucket_scope: bucket_scope(""),
                     consumer_scope: consumer_scope(&bucket_scope("")),
                     mode: cfg.mode,
+                    forward_with: cfg.forward_with,
                     blocked: BlockedBuckets::default(),
                 })
             }
@@ -405,7 +410,11 @@ fn compile_requirement(
     }
     // Header and query values are checked before the rate limit, body
     // values once the body is in; the order within each stays as written.
-    attachments.sort_by_key(|a| a.attribute.needs_body());
+    // (A partition rather than a stable sort: no second sort routine in the module.)
+    let (mut attachments, from_body): (Vec<_>, Vec<_>) = attachments
+        .into_iter()
+        .partition(|a| !a.attribute.needs_body());
+    attachments.extend(from_body);
     let extractor = r
         .credential_sources
         .as_ref()

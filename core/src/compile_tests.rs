@@ -139,7 +139,7 @@ fn every_validation_error_names_its_field() {
                 format!(
                     r#"{{"keys":[{{"id":"a","sha256":"{good}","attachments":{{"c":["x"],"c":["y"]}}}}]}}"#
                 ),
-                "keys[0].attachments: \"c\" is given twice",
+                "keys[0].attachments.c: \"c\" is given twice",
             ),
             (
                 r#"{"rules":[{"match":{"path":"/a?b=1"},"action":"deny"}]}"#.into(),

@@ -64,6 +64,26 @@ pub struct Config<Keys> {
     /// (the identity header then carries the consumer).
     #[serde(default = "default_key_id_header")]
     pub key_id_header: String,
+    /// How an allowed request's identity and forwarded fields reach the
+    /// backend: `headers` (default, keygate edits the request) or
+    /// `filter_state` (keygate writes filter state, the Envoy route adds
+    /// the headers and removes the credential).
+    #[serde(default)]
+    pub forward_with: ForwardWith,
+}
+
+/// `forward_with`: who puts the identity on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardWith {
+    /// keygate removes the credential and sets the identity headers itself.
+    #[default]
+    Headers,
+    /// keygate writes the identity and forwarded fields to filter state
+    /// (`wasm.keygate_identity`, ...); the route's `request_headers_to_add`
+    /// puts them in headers and its `request_headers_to_remove` strips the
+    /// credential. Saves Envoy's route-cache clear on every allowed request.
+    FilterState,
 }
 
 fn default_key_id_header() -> String {

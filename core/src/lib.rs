@@ -20,6 +20,7 @@ pub mod duration;
 pub mod error;
 pub mod headers;
 pub mod host;
+pub mod json_scan;
 pub mod keylist;
 pub mod keys;
 pub mod policy;

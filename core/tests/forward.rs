@@ -1,6 +1,6 @@
 //! Key fields forwarded to the backend: set only from a valid key, never
 //! from the client, and checked at configuration with their paths.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::panic)]
 
 use keygate_core::headers::HeaderMap;
 use keygate_core::keys::digest;
@@ -106,4 +106,82 @@ fn forwarded_headers_are_checked_with_their_paths() {
     assert!(first_error(json!({"environment": "x-api-key"}))
         .starts_with("forward.environment: must differ from every credential header"));
     assert!(first_error(json!({"label": "x-label"})).contains("unknown field `label`"));
+}
+
+fn filter_state_policy() -> Policy {
+    let cfg = json!({
+        "forward_with": "filter_state",
+        "forward": {"environment": "x-key-env"},
+        "credential_sources": [{"type": "header", "name": "x-api-key"}],
+        "rules": [{"match": {"path_prefix": "/b"}, "action": "require",
+                   "credential_sources": [{"type": "header", "name": "x-other-key"}, {"type": "bearer"}]}],
+        "keys": [{"id": "live", "sha256": h("k-live"), "environment": "live"}]
+    });
+    Policy::from_json(cfg.to_string().as_bytes()).unwrap()
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn through_filter_state_an_honest_request_needs_no_header_edit() {
+    let p = filter_state_policy();
+    let map = HeaderMap::from_pairs(vec![(b":path", b"/a"), (b"x-api-key", b"k-live")]);
+    let Decision::Allow(a) = p.decide(&map, &FakeHost::default()) else {
+        panic!("refused");
+    };
+    assert!(a.edits.to_filter_state);
+    assert!(a.edits.remove.is_empty() && a.edits.strip().next().is_none());
+    assert_eq!(a.edits.identity, Some(("x-api-key-id", "live")));
+    let fields: Vec<_> = a
+        .edits
+        .fields()
+        .map(|(_, f, v)| (f.filter_state_name(), v.into_owned()))
+        .collect();
+    assert_eq!(fields, vec![("keygate_environment", "live".to_string())]);
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn through_filter_state_client_copies_are_still_removed_by_keygate() {
+    let p = filter_state_policy();
+    let map = HeaderMap::from_pairs(vec![
+        (b":path", b"/a"),
+        (b"x-api-key", b"k-live"),
+        (b"x-api-key-id", b"admin"),
+        (b"x_api_key_id", b"admin"),
+        (b"x-key-env", b"prod"),
+    ]);
+    let Decision::Allow(a) = p.decide(&map, &FakeHost::default()) else {
+        panic!("refused");
+    };
+    let gone: Vec<&[u8]> = a.edits.remove.clone();
+    assert_eq!(
+        gone,
+        vec![&b"x-api-key-id"[..], b"x_api_key_id", b"x-key-env"]
+    );
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn the_route_headers_cover_every_credential_source_and_forwarded_header() {
+    let r = filter_state_policy().route_headers().unwrap();
+    assert_eq!(
+        r.remove,
+        vec![
+            "x-api-key",
+            "x-other-key",
+            "authorization",
+            "x-api-key-id",
+            "x-api-key-key-id",
+            "x-key-env"
+        ]
+    );
+    assert_eq!(
+        r.add,
+        vec![
+            ("x-api-key-id".to_string(), "keygate_identity"),
+            ("x-api-key-key-id".to_string(), "keygate_key_id"),
+            ("x-key-env".to_string(), "keygate_environment"),
+        ]
+    );
+    assert!(policy("enforce").route_headers().is_none());
 }

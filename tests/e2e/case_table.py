@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from harness import REPO_ROOT, sha256_hex
+from harness import REPO_ROOT, credential_header_names, sha256_hex
 
 CASES_DIR = REPO_ROOT / "tests" / "cases"
 PROFILES_DIR = REPO_ROOT / "envoy" / "profiles"
@@ -100,15 +100,7 @@ class CaseFile:
 
     def credential_headers(self) -> set[str]:
         """Every header that can carry a key in this configuration."""
-
-        def names(sources: list[dict]) -> set[str]:
-            return {s["name"].lower() if s["type"] == "header" else "authorization" for s in sources}
-
-        cfg = self.config()
-        found = names(cfg.get("credential_sources", [{"type": "header", "name": "x-api-key"}, {"type": "bearer"}]))
-        for rule in cfg.get("rules", []):
-            found |= names(rule.get("credential_sources", []))
-        return found
+        return set(credential_header_names(self.config()))
 
 
 @dataclasses.dataclass

@@ -27,6 +27,7 @@ Where Envoy differs from the core, on purpose and explicitly:
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any, Callable, Optional
 
@@ -35,10 +36,12 @@ import pytest
 import case_table
 from case_table import CaseFile, Request
 from conftest import report
-from harness import DENIAL_STATUS, Envoy, Response, check_denial, h2_exchange, wait_until
+from harness import DENIAL_STATUS, Envoy, Response, check_denial, filter_state_route_config, h2_exchange, wait_until
 
 FILES = case_table.load_all()
 PROTOCOLS = ("http1", "http2")
+# `forward_with` of the replays: every case runs in both.
+MODES = ("headers", "filter_state")
 MARK = "x-keygate-case"
 REQUEST_FIELDS = {"method", "path", "host", "headers", "body", "json", "source", "now"}
 EXPECT_FIELDS = {"status", "code", "headers", "message_contains", "log", "identity", "stripped", "backend"}
@@ -48,18 +51,24 @@ _SENT_PATHS: set[str] = set()
 
 
 def rows(protocol: str) -> list[Any]:
+    """Every case in each forwarding mode: `headers` (keygate edits the
+    request; test ids `<file>::<case>`) and `filter_state` (keygate writes
+    filter state, the route adds the headers and strips the credential; ids
+    `filter_state:<file>::<case>`)."""
     out = []
-    for f in FILES:
-        for c in f.cases:
-            marks = []
-            if case_table.only(c) == "native":
-                marks.append(pytest.mark.skip(reason=f"native-only: {c['why']}"))
-            elif protocol not in case_table.e2e_options(c).get("protocols", PROTOCOLS):
-                marks.append(pytest.mark.skip(reason=f"{protocol} not replayed: {case_table.e2e_options(c)['why']}"))
-            elif f.profile:
-                # A profile's cases count in conftest's per-profile summary.
-                marks.append(pytest.mark.profile(f.profile, c["name"]))
-            out.append(pytest.param(f, c, id=f"{f.name}::{c['name']}", marks=marks))
+    for mode in MODES:
+        for f in FILES:
+            for c in f.cases:
+                marks = []
+                if case_table.only(c) == "native":
+                    marks.append(pytest.mark.skip(reason=f"native-only: {c['why']}"))
+                elif protocol not in case_table.e2e_options(c).get("protocols", PROTOCOLS):
+                    marks.append(pytest.mark.skip(reason=f"{protocol} not replayed: {case_table.e2e_options(c)['why']}"))
+                elif f.profile and mode == "headers":
+                    # A profile's cases count in conftest's per-profile summary.
+                    marks.append(pytest.mark.profile(f.profile, c["name"]))
+                prefix = "" if mode == "headers" else f"{mode}:"
+                out.append(pytest.param(f, c, mode, id=f"{prefix}{f.name}::{c['name']}", marks=marks))
     return out
 
 
@@ -68,13 +77,21 @@ def has_surrounding_ows(value: bytes) -> bool:
 
 
 @pytest.fixture(scope="module")
-def envoy_for(envoy_factory) -> Callable[[CaseFile], Envoy]:
-    started: dict[str, Envoy] = {}
+def envoy_for(envoy_factory) -> Callable[[CaseFile, str], Envoy]:
+    started: dict[tuple[str, str], Envoy] = {}
 
-    def get(f: CaseFile) -> Envoy:
-        if f.name not in started:
-            started[f.name] = envoy_factory(f.config_text(), hcm_extra=f.hcm(), access_log=True)
-        return started[f.name]
+    def get(f: CaseFile, mode: str = "headers") -> Envoy:
+        if (f.name, mode) not in started:
+            text, hcm = f.config_text(), f.hcm()
+            if mode == "filter_state":
+                # The same configuration forwarding through filter state, and
+                # the route that puts it in headers (harness.filter_state_headers).
+                config = json.loads(text)
+                config["forward_with"] = "filter_state"
+                text = json.dumps(config)
+                hcm = {**(hcm or {}), **filter_state_route_config(config)}
+            started[(f.name, mode)] = envoy_factory(text, hcm_extra=hcm, access_log=True)
+        return started[(f.name, mode)]
 
     get.started = started  # type: ignore[attr-defined]
     return get
@@ -219,20 +236,20 @@ def replay(f: CaseFile, case: dict, protocol: str, envoy: Envoy, backend) -> Non
     _OUTCOMES["keygate"].append(label)
 
 
-@pytest.mark.parametrize("f,case", rows("http1"))
-def test_case_http1(envoy_for, backend, f: CaseFile, case: dict):
-    replay(f, case, "http1", envoy_for(f), backend)
+@pytest.mark.parametrize("f,case,mode", rows("http1"))
+def test_case_http1(envoy_for, backend, f: CaseFile, case: dict, mode: str):
+    replay(f, case, "http1", envoy_for(f, mode), backend)
 
 
-@pytest.mark.parametrize("f,case", rows("http2"))
-def test_case_http2(envoy_for, backend, f: CaseFile, case: dict):
-    replay(f, case, "http2", envoy_for(f), backend)
+@pytest.mark.parametrize("f,case,mode", rows("http2"))
+def test_case_http2(envoy_for, backend, f: CaseFile, case: dict, mode: str):
+    replay(f, case, "http2", envoy_for(f, mode), backend)
 
 
 def test_zz_summary(envoy_for):
     total = sum(len(f.cases) for f in FILES)
     n = len(_OUTCOMES["keygate"]) + len(_OUTCOMES["envoy"])
-    line = (f"case files: {len(FILES)} files, {total} cases; {n} replays over HTTP/1.1 + HTTP/2, "
+    line = (f"case files: {len(FILES)} files, {total} cases; {n} replays over HTTP/1.1 + HTTP/2 in both forwarding modes (forward_with headers, filter_state), "
             f"{len(_OUTCOMES['keygate'])} decided by keygate as the case says")
     if _OUTCOMES["envoy"]:
         line += f"; refused by Envoy's codec before the filter, as declared: {', '.join(_OUTCOMES['envoy'])}"

@@ -722,7 +722,7 @@ INVALID_CONFIGS = {
     ),
     "attachment_set_given_twice": (
         '{"keys": [{"id": "a", "sha256": "' + sha256_hex(_K) + '", "attachments": {"c": ["x"], "c": ["y"]}}]}',
-        r'keygate: invalid configuration: keys\[0\]\.attachments: "c" is given twice',
+        r'keygate: invalid configuration: keys\[0\]\.attachments\.c: "c" is given twice',
     ),
     "json_pointer_bad_escape": (
         {"rules": [{"action": "require", "attachment": {"set": "c", "from": {"json_body": "/a~2"}}}]},

@@ -2,7 +2,7 @@
 //! (and, when a rule reads it, its body).
 
 use crate::attribute::AttrValue;
-use crate::config::{DefaultAction, Mode, StalePolicy};
+use crate::config::{DefaultAction, ForwardWith, Mode, StalePolicy};
 use crate::control::ControlPlane;
 use crate::credential::{Credential, Extractor};
 use crate::denial::{Denial, DenyCode, KeyLabel, LimitName, Masked, RateInfo};
@@ -47,6 +47,8 @@ pub struct Policy {
     pub(crate) blocked: BlockedBuckets,
     /// Top-level mode of refusals.
     pub(crate) mode: Mode,
+    /// Who puts the identity on the wire: keygate, or the Envoy route.
+    pub(crate) forward_with: ForwardWith,
 }
 
 /// What to do with a request: everything the filter needs to act on it.
@@ -137,9 +139,38 @@ pub enum ForwardField {
     Scopes,
 }
 
+impl ForwardField {
+    /// The filter state carrying this field with `"forward_with":
+    /// "filter_state"` (`%FILTER_STATE(wasm.<name>:PLAIN)%` in Envoy).
+    pub fn filter_state_name(self) -> &'static str {
+        match self {
+            ForwardField::KeyId => "keygate_key_id",
+            ForwardField::Environment => "keygate_environment",
+            ForwardField::Scopes => "keygate_scopes",
+        }
+    }
+}
+
+/// The filter state carrying the identity with `"forward_with": "filter_state"`.
+pub const IDENTITY_FILTER_STATE: &str = "keygate_identity";
+
+/// What the Envoy route must do for `"forward_with": "filter_state"`:
+/// remove these headers, then add each header from its filter state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteHeaders {
+    /// Credential headers (when stripping), the identity header and every
+    /// forwarded header, lowercase.
+    pub remove: Vec<String>,
+    /// `(header, filter-state name)`: the identity first, then the forwarded fields.
+    pub add: Vec<(String, &'static str)>,
+}
+
 /// Header changes to make before forwarding an allowed request.
 #[derive(Debug, Clone)]
 pub struct Edits<'p, 'h> {
+    /// The identity and forwarded fields go to filter state, not headers;
+    /// the credential is left for the route to remove.
+    pub to_filter_state: bool,
     /// Client copies of the identity header (any case, `_` for `-`) to remove.
     pub remove: Vec<&'h [u8]>,
     /// The credential whose headers [`Edits::strip`] names, when stripping.
@@ -163,9 +194,16 @@ impl<'p> Edits<'p, '_> {
     /// The forwarded key fields to set: `(header, value)`, for the fields
     /// the key has. Allocates only for scopes.
     pub fn metadata(&self) -> impl Iterator<Item = (&'p str, std::borrow::Cow<'p, str>)> + '_ {
+        self.fields().map(|(header, _, value)| (header, value))
+    }
+
+    /// [`Edits::metadata`] with the field each value is: `(header, field, value)`.
+    pub fn fields(
+        &self,
+    ) -> impl Iterator<Item = (&'p str, ForwardField, std::borrow::Cow<'p, str>)> + '_ {
         self.forward
             .into_iter()
-            .flat_map(|(fields, key)| fields.iter().map(move |(h, f)| (h, f, key)))
+            .flat_map(|(fields, key)| fields.iter().map(move |(h, f)| (h, *f, key)))
             .filter_map(|(header, field, key)| {
                 let meta = key.meta();
                 let value = match field {
@@ -174,7 +212,7 @@ impl<'p> Edits<'p, '_> {
                     ForwardField::Scopes if meta.scopes.is_empty() => None,
                     ForwardField::Scopes => Some(meta.scopes.join(",").into()),
                 };
-                value.map(|v| (header.as_str(), v))
+                value.map(|v| (header.as_str(), field, v))
             })
     }
 }
@@ -183,6 +221,45 @@ impl Policy {
     /// The key list.
     pub fn keys(&self) -> &KeySet {
         &self.keys
+    }
+
+    /// With `"forward_with": "filter_state"`, the header configuration the
+    /// Envoy routes behind this filter need; `None` in the default mode.
+    pub fn route_headers(&self) -> Option<RouteHeaders> {
+        if self.forward_with != ForwardWith::FilterState {
+            return None;
+        }
+        let mut remove: Vec<String> = Vec::new();
+        let mut push = |name: &[u8]| {
+            let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+            if !remove.contains(&name) {
+                remove.push(name);
+            }
+        };
+        if self.strip_credentials {
+            let every = std::iter::once(&self.extractor).chain(self.rules.iter().filter_map(|r| {
+                match &r.effect {
+                    Effect::Require(req) => req.extractor.as_ref(),
+                    Effect::Public | Effect::Deny => None,
+                }
+            }));
+            for extractor in every {
+                extractor
+                    .carrier_names(&extractor.every_carrier())
+                    .for_each(&mut push);
+            }
+        }
+        push(self.identity_header.as_bytes());
+        for (header, _) in &self.forward {
+            push(header.as_bytes());
+        }
+        let mut add = vec![(self.identity_header.clone(), IDENTITY_FILTER_STATE)];
+        add.extend(
+            self.forward
+                .iter()
+                .map(|(h, f)| (h.clone(), f.filter_state_name())),
+        );
+        Some(RouteHeaders { remove, add })
     }
 
     /// The effective limits of a key: its own, else the default ones.
@@ -541,9 +618,14 @@ impl Policy {
             (self.identity_header.as_str(), who)
         });
         let mut remove: Vec<&'h [u8]> = Vec::new();
+        let to_filter_state = self.forward_with == ForwardWith::FilterState;
         for (name, _) in headers.iter() {
-            // With an identity to set, the exact name is replaced, not removed.
-            let exact = name == self.identity_header.as_bytes();
+            // With an identity to set as a header, the exact name is replaced,
+            // not removed. Through filter state keygate removes client copies
+            // itself too (only when present, so an honest request makes no
+            // edit), and the identity stays unspoofable even on a route that
+            // forgets `request_headers_to_remove`.
+            let exact = name == self.identity_header.as_bytes() && !to_filter_state;
             let spoofed = ((identity.is_none() || !exact)
                 && same_header(name, self.identity_header.as_bytes()))
                 || self
@@ -554,11 +636,13 @@ impl Policy {
                 remove.push(name);
             }
         }
-        let strip = credential.filter(|_| self.strip_credentials);
+        // Through filter state the route removes the credential headers.
+        let strip = credential.filter(|_| self.strip_credentials && !to_filter_state);
         let forward = key
             .filter(|_| !self.forward.is_empty())
             .map(|k| (self.forward.as_slice(), k));
         Edits {
+            to_filter_state,
             remove,
             strip,
             identity,

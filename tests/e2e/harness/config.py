@@ -176,3 +176,62 @@ def lds_document(listen_port: int, http_filters: list[dict], hcm_extra: Optional
     lst = listener(listen_port, http_filters, hcm_extra)
     lst["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
     return {"version_info": str(version), "resources": [lst]}
+
+
+# Filter state keygate writes with `"forward_with": "filter_state"`, per
+# forwarded header (core/src/policy/mod.rs: IDENTITY_FILTER_STATE,
+# ForwardField::filter_state_name).
+FILTER_STATE_NAMES = {
+    "identity": "keygate_identity",
+    "key_id": "keygate_key_id",
+    "environment": "keygate_environment",
+    "scopes": "keygate_scopes",
+}
+
+
+def credential_header_names(plugin_config: dict) -> list[str]:
+    """Every header that can carry a key under `plugin_config` (its top-level
+    and its rules' credential sources), lowercase, in order."""
+    default = [{"type": "header", "name": "x-api-key"}, {"type": "bearer"}]
+    names: list[str] = []
+    for sources in [plugin_config.get("credential_sources", default)] + [
+        r.get("credential_sources") or [] for r in plugin_config.get("rules", [])
+    ]:
+        for s in sources:
+            n = s["name"].lower() if s["type"] == "header" else "authorization"
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def filter_state_headers(plugin_config: dict) -> dict:
+    """The route fields keygate's `"forward_with": "filter_state"` needs, for
+    `plugin_config`: `request_headers_to_remove` (the credential headers unless
+    `strip_credentials` is false, the identity header and each forwarded
+    header) and `request_headers_to_add` (each of those from keygate's
+    filter state). Envoy removes before it adds, and adds nothing for an
+    absent filter state."""
+    forward = plugin_config.get("forward", {})
+    added = [
+        (plugin_config.get("identity_header", "x-api-key-id"), "identity"),
+        (plugin_config.get("key_id_header", "x-api-key-key-id"), "key_id"),
+    ] + [(forward[f], f) for f in ("environment", "scopes") if forward.get(f)]
+    remove = credential_header_names(plugin_config) if plugin_config.get("strip_credentials", True) else []
+    remove += [h.lower() for h, _ in added]
+    return {
+        "request_headers_to_remove": remove,
+        "request_headers_to_add": [
+            {
+                "header": {"key": h.lower(), "value": f"%FILTER_STATE(wasm.{FILTER_STATE_NAMES[f]}:PLAIN)%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+            for h, f in added
+        ],
+    }
+
+
+def filter_state_route_config(plugin_config: dict, cluster: str = "backend") -> dict:
+    """`route_config` (for `hcm_extra`) of the default listener's one route,
+    with the header fields of `filter_state_headers`."""
+    route = {"match": {"prefix": "/"}, "route": {"cluster": cluster}, **filter_state_headers(plugin_config)}
+    return {"route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]}}
