@@ -253,16 +253,11 @@ impl UsageReport {
     /// Parses and checks a report body. The error names the field, as
     /// `keys[3].requests: must be at least 1`.
     pub fn parse(body: &[u8]) -> Result<UsageReport, String> {
-        let mut de = serde_json::Deserializer::from_slice(body);
-        let report: UsageReport = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." {
-                e.inner().to_string()
-            } else {
-                format!("{path}: {}", e.inner())
-            }
-        })?;
-        de.end().map_err(|e| format!("after the report: {e}"))?;
+        // The same parser as the configuration's: the error names the field
+        // by its path (`report` for the document itself), and bytes after
+        // the report are refused.
+        let report: UsageReport = crate::error::parse_json(body, "report")
+            .map_err(|errors| errors.first().map(|e| e.to_string()).unwrap_or_default())?;
         if report.keys.len() > MAX_REPORT_KEYS {
             return Err(format!(
                 "keys: {} records, at most {MAX_REPORT_KEYS} per report",

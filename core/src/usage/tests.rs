@@ -289,7 +289,9 @@ fn a_report_is_checked_field_by_field() {
         err(r#"{"keys":[{"id":"a","requests":1,"last_used":-1}]}"#),
         "keys[0].last_used: must be Unix seconds (0 or more)"
     );
-    assert!(err(r#"{"keys":[]} {}"#).starts_with("after the report"));
+    assert!(err(r#"{"keys":[]} {}"#).starts_with("report: trailing characters"));
+    assert!(err(r#"{"keys":[{"id":"a","requests":"1","last_used":1}]}"#)
+        .starts_with("keys[0].requests: "));
     assert!(err(r#"{"keys":[{"id":"a","requests":1}]}"#).contains("missing field `last_used`"));
 }
 
