@@ -295,3 +295,18 @@ fn key_prefixes_and_realm_must_be_plain_ascii() {
         );
     }
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn key_attachments_that_are_not_an_object_say_what_is_expected() {
+    let e = first_error(&format!(
+        r#"{{"keys":[{{"id":"a","sha256":"{}","attachments":["c-17"]}}]}}"#,
+        h("k")
+    ));
+    assert!(
+        e.starts_with(
+            "keys[0].attachments: invalid type: sequence, expected an object of lists of strings"
+        ),
+        "{e}"
+    );
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# keygate: mutation testing with cargo-mutants. Not run by CI: too slow.
+#
+#   bash scripts/mutants.sh [cargo-mutants args...]
+#
+# Installs cargo-mutants (crates.io, pinned, --locked) into target/cargo-mutants/
+# when it is missing, then runs it on one package (default keygate-core) under
+# `nice -n 10`, 2 jobs, a 60 s test timeout and a 300 s build timeout. Each
+# mutant is one change to the code (an operator, a condition, a function's
+# result); the package's tests must fail for it to count as caught. Results go
+# to target/mutants/<NAME>/mutants.out/ (caught.txt, missed.txt, timeout.txt,
+# unviable.txt, outcomes.json); the last line printed sums them up.
+#
+# Examples:
+#   bash scripts/mutants.sh                               # every mutant (hours on 2 cores)
+#   bash scripts/mutants.sh --shard 0/10                  # one in ten, spread over all files
+#   bash scripts/mutants.sh -f core/src/control.rs -f core/src/config.rs
+#   KEYGATE_MUTANTS_PACKAGE=keygate-cli bash scripts/mutants.sh --shard 0/10
+#   bash scripts/mutants.sh --iterate                     # retest only what was not caught last time
+#                                                          # (same KEYGATE_MUTANTS_NAME)
+# `--shard k/n` is round-robin here (mutant i goes to shard i % n), so one
+# shard samples every file instead of taking the first n-th of the list.
+#
+# Cost (measured on the 2-core build machine, 6 builds sharing it): a mutant
+# costs one incremental build of keygate-core and its 16 test targets (about
+# 10 s, more under load) plus the test run (about 2-6 s); the baseline
+# (unmutated) build takes 1.5-3 min. keygate-core has 1246 mutants (cargo-mutants
+# 27.1.0, core/src/testing.rs excluded: .cargo/mutants.toml says why), so a full
+# run is 3-5 hours there. cargo test, not nextest: the build is most of each
+# mutant's time and nextest starts one process per test.
+# Debug info is turned off for these builds (CARGO_PROFILE_DEV_DEBUG=0): it is
+# never read, and linking the test binaries without it is faster.
+#
+# Figures: see the end of this header (filled in from the latest run).
+#
+# Environment:
+#   KEYGATE_MUTANTS_PACKAGE  package to mutate (default keygate-core)
+#   KEYGATE_MUTANTS_NAME     output folder under target/mutants/ (default: the package)
+#   KEYGATE_MUTANTS_JOBS     parallel build/test jobs (default 2)
+#
+# Latest figures: RESULTS-PLACEHOLDER
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CARGO_MUTANTS_VERSION="27.1.0"
+PACKAGE="${KEYGATE_MUTANTS_PACKAGE:-keygate-core}"
+NAME="${KEYGATE_MUTANTS_NAME:-$PACKAGE}"
+JOBS="${KEYGATE_MUTANTS_JOBS:-2}"
+OUT="$ROOT/target/mutants/$NAME"
+
+cd "$ROOT"
+export PATH="$ROOT/target/cargo-mutants/bin:$PATH"
+if ! cargo mutants --version 2>/dev/null | grep -qF "$CARGO_MUTANTS_VERSION"; then
+    echo "== installing cargo-mutants $CARGO_MUTANTS_VERSION into target/cargo-mutants/"
+    cargo install cargo-mutants --version "$CARGO_MUTANTS_VERSION" --locked \
+        --root "$ROOT/target/cargo-mutants"
+fi
+
+mkdir -p "$OUT"
+export CARGO_PROFILE_DEV_DEBUG=0
+echo "== cargo mutants -p $PACKAGE $* (results in ${OUT#"$ROOT"/}/mutants.out/)"
+status=0
+nice -n 10 cargo mutants --package "$PACKAGE" --jobs "$JOBS" \
+    --timeout 60 --build-timeout 300 --sharding round-robin \
+    --output "$OUT" "$@" || status=$?
+
+# cargo-mutants exits 2 when a mutant was missed, 3 on a timeout: both are
+# results, printed below. Anything else is a failure of the run itself.
+case "$status" in
+0 | 2 | 3) ;;
+*) exit "$status" ;;
+esac
+count() { if [ -f "$OUT/mutants.out/$1.txt" ]; then grep -c . "$OUT/mutants.out/$1.txt" || true; else echo 0; fi; }
+# With --iterate, what earlier runs caught is in previously_caught.txt.
+caught=$(($(count caught) + $(count previously_caught)))
+missed=$(count missed)
+timeout=$(count timeout)
+unviable=$(count unviable)
+viable=$((caught + missed + timeout))
+if [ "$viable" -gt 0 ]; then
+    pct=$(awk -v c="$caught" -v v="$viable" 'BEGIN { printf "%.1f", 100 * c / v }')
+else
+    pct="-"
+fi
+echo "== $PACKAGE: $((viable + unviable)) mutants tested: $caught caught, $missed missed, $timeout timeout, $unviable unviable; caught $pct % of the $viable viable"
+if [ "$missed" -gt 0 ]; then
+    echo "== missed:"
+    cat "$OUT/mutants.out/missed.txt"
+fi
+exit "$status"
