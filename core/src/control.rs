@@ -716,4 +716,46 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn a_next_page_must_be_a_visible_path_of_at_most_2048_bytes() {
+        let first_page = |next: &str| {
+            let doc = serde_json::json!({"version": 1, "keys": [], "next": next});
+            classify(
+                Some(200),
+                None,
+                doc.to_string().as_bytes(),
+                false,
+                None,
+                None,
+            )
+        };
+        let longest = format!("/{}", "p".repeat(2047));
+        for next in ["/v1/keys?page=2", "/", longest.as_str()] {
+            match first_page(next) {
+                FetchOutcome::MorePages { pages, .. } => {
+                    assert_eq!(pages.next.as_deref(), Some(next));
+                }
+                other => panic!("{next:?}: {other:?}"),
+            }
+        }
+        let too_long = format!("/{}", "p".repeat(2048));
+        for next in [
+            "v1/keys?page=2",
+            "/v1/keys?page 2",
+            "/v1/keys?page=\t2",
+            "/v1/ké",
+            too_long.as_str(),
+        ] {
+            match first_page(next) {
+                FetchOutcome::Failed(why) => assert_eq!(
+                    why,
+                    "invalid key list: next: must be a path starting with '/' (visible ASCII, at most 2048 bytes)",
+                    "{next:?}"
+                ),
+                other => panic!("{next:?}: {other:?}"),
+            }
+        }
+    }
 }

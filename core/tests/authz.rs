@@ -281,3 +281,22 @@ fn cold_start_and_staleness_answer_503() {
     .unwrap_err();
     assert!(bad[0].field == "control_plane.poll_interval", "{bad:?}");
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn envoy_source_addresses_give_the_client_ip_that_allowed_cidrs_check() {
+    use keygate_core::host::parse_source_address;
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().ok();
+    // Envoy's `source.address`, with a port; a bare IP too.
+    assert_eq!(parse_source_address(b"10.1.2.3:40000"), ip("10.1.2.3"));
+    assert_eq!(
+        parse_source_address(b"[2001:db8::7]:443"),
+        ip("2001:db8::7")
+    );
+    assert_eq!(parse_source_address(b"192.0.2.7"), ip("192.0.2.7"));
+    assert_eq!(parse_source_address(b"::1"), ip("::1"));
+    // Anything else is no address: the decision then fails closed.
+    for bad in [&b""[..], b"localhost:80", b"10.1.2.3:port", b"\xff10.1.2.3"] {
+        assert_eq!(parse_source_address(bad), None, "{bad:?}");
+    }
+}
