@@ -228,3 +228,16 @@ fn wire_forms_with_bad_id_offsets_or_profile_indexes_are_refused() {
         assert!(with(at, value).is_none(), "{what}");
     }
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_key_set_lists_its_static_keys_then_the_control_plane_ones() {
+    // The filter creates the bucket of every key it lists this way at load.
+    let set = KeySet::new(Arc::new(store(&[("s1", "static-1")]).unwrap()));
+    let ids = |set: &KeySet| set.iter().map(|k| k.id().to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(&set), ["static-1"]);
+    let merged = set
+        .with_list(Arc::new(store(&[("d1", "dyn-1")]).unwrap()))
+        .unwrap();
+    assert_eq!(ids(&merged), ["static-1", "dyn-1"]);
+}
