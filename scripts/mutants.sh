@@ -58,11 +58,15 @@ if ! cargo mutants --version 2>/dev/null | grep -qF "$CARGO_MUTANTS_VERSION"; th
 fi
 
 mkdir -p "$OUT"
+sharding=()
+case " $* " in
+*" --shard"*) sharding=(--sharding round-robin) ;;
+esac
 export CARGO_PROFILE_DEV_DEBUG=0
 echo "== cargo mutants -p $PACKAGE $* (results in ${OUT#"$ROOT"/}/mutants.out/)"
 status=0
 nice -n 10 cargo mutants --package "$PACKAGE" --jobs "$JOBS" \
-    --timeout 60 --build-timeout 300 --sharding round-robin \
+    --timeout 60 --build-timeout 300 "${sharding[@]}" \
     --output "$OUT" "$@" || status=$?
 
 # cargo-mutants exits 2 when a mutant was missed, 3 on a timeout: both are
