@@ -182,3 +182,31 @@ fn the_bucket_scope_logged_at_load_is_where_the_key_buckets_are() {
         bucket.as_str()
     );
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn grpc_callers_are_refused_with_a_grpc_status() {
+    let p = Policy::from_json(
+        format!(r#"{{"keys":[{{"id":"a","sha256":"{}"}}]}}"#, h("k-grpc")).as_bytes(),
+    )
+    .unwrap();
+    let host = FakeHost::default();
+    for (content_type, grpc_status) in [
+        (&b"application/grpc"[..], Some(16)),
+        (b"application/grpc+proto", Some(16)),
+        (b"application/json", None),
+    ] {
+        let headers = HeaderMap::from_pairs(vec![
+            (&b":path"[..], &b"/pkg.Service/Method"[..]),
+            (b"content-type", content_type),
+        ]);
+        match p.decide(&headers, &host) {
+            Decision::Deny(d) => {
+                assert_eq!(d.denial.code, DenyCode::MissingApiKey);
+                let reply = crate::reply::render(&d.denial, "");
+                assert_eq!(reply.grpc_status, grpc_status, "{content_type:?}");
+            }
+            Decision::Allow(_) => panic!("{content_type:?}: allowed without a key"),
+        }
+    }
+}
