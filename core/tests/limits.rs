@@ -252,3 +252,30 @@ fn limit_numbers_are_accepted_up_to_their_bounds_and_refused_past_them() {
         either,
     );
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_429_that_fails_closed_still_carries_retry_after_and_the_policy() {
+    // Without a monotonic clock no bucket can be counted: the request is
+    // refused, and the client is still told when to retry and which limit.
+    let p = policy(json!([{"name": "peak", "requests": 200, "per": "1s", "burst": 60}]));
+    let host = FakeHost::default();
+    host.monotonic.set(None);
+    let map = HeaderMap::from_pairs(vec![(&b"x-api-key"[..], &b"k-sup"[..]), (b":path", b"/")]);
+    let Decision::Deny(Denied { denial, .. }) = p.decide(&map, &host) else {
+        panic!("allowed without a clock");
+    };
+    assert_eq!(denial.code.as_str(), "rate_limited");
+    let r = reply::render(&denial, "");
+    let get = |n: &str| {
+        r.headers
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("retry-after").as_deref(), Some("1"));
+    assert_eq!(
+        get("ratelimit-policy").as_deref(),
+        Some("\"peak\";q=60;w=1")
+    );
+}
