@@ -563,18 +563,24 @@ mod tests {
         let mut errors = Vec::new();
         let plane = ControlPlane::compile(&c, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
+        let plane = plane.unwrap_or_else(|| panic!("refused"));
         assert_eq!(
-            plane,
-            Some(ControlPlane {
-                cluster: "cp".into(),
-                authority: "cp.local".into(),
-                path: "/v1/keys".into(),
-                poll_ms: 1_000,
-                timeout_ms: 2_000,
-                max_staleness_ms: 5 * 60_000,
-                stale_policy: StalePolicy::Serve,
-                max_list_bytes: 256 << 20,
-            })
+            (
+                plane.path.as_str(),
+                plane.poll_ms,
+                plane.timeout_ms,
+                plane.max_staleness_ms,
+                plane.stale_policy,
+                plane.max_list_bytes,
+            ),
+            (
+                "/v1/keys",
+                1_000,
+                2_000,
+                5 * 60_000,
+                StalePolicy::Serve,
+                256 << 20
+            )
         );
     }
 
