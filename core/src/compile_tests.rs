@@ -222,3 +222,91 @@ fn a_policy_rebuilt_from_its_shared_parts_is_the_same() {
     }
     assert!(PROFILES.len() >= 4);
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn sizes_are_accepted_up_to_their_limits_and_refused_past_them() {
+    const NONE: [&str; 0] = [];
+    for (field, lowest, highest, error) in [
+        (
+            "max_key_length",
+            1,
+            4096,
+            "max_key_length: must be between 1 and 4096",
+        ),
+        (
+            "max_body_bytes",
+            1,
+            16 << 20,
+            "max_body_bytes: must be between 1 and 16777216",
+        ),
+    ] {
+        for ok in [lowest, highest] {
+            assert_eq!(
+                errors(&format!(r#"{{"{field}":{ok}}}"#)),
+                NONE,
+                "{field} {ok}"
+            );
+        }
+        for bad in [lowest - 1, highest + 1] {
+            assert_eq!(
+                errors(&format!(r#"{{"{field}":{bad}}}"#)),
+                [error],
+                "{field} {bad}"
+            );
+        }
+    }
+    let sources = |n: usize| {
+        let list: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"type":"header","name":"x-key-{i}"}}"#))
+            .collect();
+        errors(&format!(r#"{{"credential_sources":[{}]}}"#, list.join(",")))
+    };
+    assert_eq!(sources(1), NONE);
+    assert_eq!(sources(16), NONE);
+    assert_eq!(sources(17), ["credential_sources: at most 16 sources"]);
+    assert_eq!(
+        sources(0),
+        ["credential_sources: must list at least one source"]
+    );
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn key_prefixes_and_realm_must_be_plain_ascii() {
+    const NONE: [&str; 0] = [];
+    let prefixes = |p: &str| errors(&format!(r#"{{"key_prefixes":["kg_",{p}]}}"#));
+    assert_eq!(prefixes(r#""sk-live_""#), NONE);
+    assert_eq!(prefixes(r#""!~""#), NONE);
+    for bad in [r#""""#, r#""a,b""#, r#""a b""#, r#""\u007f""#, r#""é""#] {
+        assert_eq!(
+            prefixes(bad),
+            ["key_prefixes[1]: must be non-empty visible ASCII"],
+            "{bad}"
+        );
+    }
+    let realm = |r: &str| errors(&format!(r#"{{"realm":{r}}}"#));
+    assert_eq!(realm(r#""my API ~ v2""#), NONE);
+    for bad in [r#""""#, r#""a\"b""#, r#""a\\b""#, r#""a\tb""#, r#""é""#] {
+        assert_eq!(
+            realm(bad),
+            ["realm: must be non-empty printable ASCII without quotes"],
+            "{bad}"
+        );
+    }
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn key_attachments_that_are_not_an_object_say_what_is_expected() {
+    let e = first_error(&format!(
+        r#"{{"keys":[{{"id":"a","sha256":"{}","attachments":["c-17"]}}]}}"#,
+        h("k")
+    ));
+    assert!(
+        e.starts_with(
+            "keys[0].attachments: invalid type: sequence, expected an object of lists of strings"
+        ),
+        "{e}"
+    );
+}

@@ -593,4 +593,216 @@ mod tests {
         assert_eq!(Published::decode(&p.encode()), Some(p));
         assert_eq!(Published::decode(b"x"), None);
     }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn control_plane_fields_default_as_the_readme_says() {
+        // Only the two required fields: everything else takes its default.
+        let c: ControlPlaneConfig =
+            serde_json::from_value(serde_json::json!({"cluster": "cp", "authority": "cp.local"}))
+                .unwrap_or_else(|e| panic!("{e}"));
+        let mut errors = Vec::new();
+        let plane = ControlPlane::compile(&c, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let plane = plane.unwrap_or_else(|| panic!("refused"));
+        assert_eq!(
+            (
+                plane.path.as_str(),
+                plane.poll_ms,
+                plane.timeout_ms,
+                plane.max_staleness_ms,
+                plane.stale_policy,
+                plane.max_list_bytes,
+            ),
+            (
+                "/v1/keys",
+                1_000,
+                2_000,
+                5 * 60_000,
+                StalePolicy::Serve,
+                256 << 20
+            )
+        );
+    }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn control_plane_durations_are_refused_outside_their_ranges() {
+        // (field, others that keep max_staleness longer than a poll cycle,
+        // lowest accepted, highest accepted, range in the error message)
+        let cases = [
+            (
+                "poll_interval",
+                serde_json::json!({"max_staleness": "2h"}),
+                "100ms",
+                "1h",
+                (100u64, 3_600_000u64),
+            ),
+            (
+                "timeout",
+                serde_json::json!({"max_staleness": "1h"}),
+                "10ms",
+                "10m",
+                (10, 600_000),
+            ),
+            (
+                "max_staleness",
+                serde_json::json!({"poll_interval": "100ms", "timeout": "10ms"}),
+                "1s",
+                "30d",
+                (1_000, 2_592_000_000),
+            ),
+        ];
+        for (field, others, lowest, highest, (min, max)) in cases {
+            let with = |v: &str| {
+                let mut extra = others.clone();
+                if let Some(o) = extra.as_object_mut() {
+                    o.insert(field.into(), v.into());
+                }
+                compile(extra)
+            };
+            for v in [lowest, highest] {
+                match with(v) {
+                    (Some(_), e) if e.is_empty() => {}
+                    other => panic!("{field} {v}: {other:?}"),
+                }
+            }
+            for v in [format!("{}ms", min - 1), format!("{}ms", max + 1)] {
+                let (plane, e) = with(&v);
+                assert!(plane.is_none(), "{field} {v}");
+                assert_eq!(
+                    e,
+                    [format!(
+                        "control_plane.{field}: {v:?} is not a duration from {min} ms to {max} ms (e.g. \"1s\", \"500ms\")"
+                    )],
+                    "{field} {v}"
+                );
+            }
+        }
+    }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn a_bad_duration_is_not_reported_again_as_a_short_staleness() {
+        // Each time, had the bad duration counted (as 0), max_staleness
+        // would not outlast poll_interval + timeout.
+        for (extra, field) in [
+            (
+                serde_json::json!({"poll_interval": "soon", "max_staleness": "1s"}),
+                "poll_interval",
+            ),
+            (
+                serde_json::json!({"timeout": "never", "poll_interval": "2s", "max_staleness": "1s"}),
+                "timeout",
+            ),
+            (
+                serde_json::json!({"max_staleness": "later"}),
+                "max_staleness",
+            ),
+            (
+                serde_json::json!({"max_staleness": "999ms"}),
+                "max_staleness",
+            ),
+        ] {
+            let (plane, e) = compile(extra.clone());
+            assert!(plane.is_none(), "{extra}");
+            assert_eq!(e.len(), 1, "{extra}: {e:?}");
+            assert!(
+                e[0].starts_with(&format!("control_plane.{field}: "))
+                    && e[0].contains("is not a duration"),
+                "{extra}: {e:?}"
+            );
+        }
+    }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn control_plane_names_and_size_are_checked() {
+        let refused = |extra: serde_json::Value, error: &str| {
+            let (plane, e) = compile(extra.clone());
+            assert!(plane.is_none(), "{extra}");
+            assert_eq!(e, [error], "{extra}");
+        };
+        refused(
+            serde_json::json!({"cluster": ""}),
+            "control_plane.cluster: must name an Envoy cluster",
+        );
+        for authority in ["", "cp local", "cp.local\n"] {
+            refused(
+                serde_json::json!({"authority": authority}),
+                "control_plane.authority: must be a host[:port]",
+            );
+        }
+        for path in ["", "v1/keys", "/v1 keys", "/v1/keys\t"] {
+            refused(
+                serde_json::json!({"path": path}),
+                "control_plane.path: must start with '/'",
+            );
+        }
+        refused(
+            serde_json::json!({"max_list_bytes": 1023}),
+            "control_plane.max_list_bytes: must be at least 1024",
+        );
+        let (plane, e) =
+            compile(serde_json::json!({"authority": "cp.local:8443", "max_list_bytes": 1024}));
+        assert!(e.is_empty(), "{e:?}");
+        let plane = plane.unwrap_or_else(|| panic!("refused"));
+        assert_eq!(
+            (plane.authority.as_str(), plane.max_list_bytes),
+            ("cp.local:8443", 1024)
+        );
+    }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn a_412_is_a_changed_list_only_while_paging() {
+        // The log line says why a fetch failed: on a first page, a 412 is
+        // just an unexpected status.
+        match classify(Some(412), None, b"", false, None, None) {
+            FetchOutcome::Failed(why) => assert_eq!(why, "control plane answered HTTP 412"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn a_next_page_must_be_a_visible_path_of_at_most_2048_bytes() {
+        let first_page = |next: &str| {
+            let doc = serde_json::json!({"version": 1, "keys": [], "next": next});
+            classify(
+                Some(200),
+                None,
+                doc.to_string().as_bytes(),
+                false,
+                None,
+                None,
+            )
+        };
+        let longest = format!("/{}", "p".repeat(2047));
+        for next in ["/v1/keys?page=2", "/", longest.as_str()] {
+            match first_page(next) {
+                FetchOutcome::MorePages { pages, .. } => {
+                    assert_eq!(pages.next.as_deref(), Some(next));
+                }
+                other => panic!("{next:?}: {other:?}"),
+            }
+        }
+        let too_long = format!("/{}", "p".repeat(2048));
+        for next in [
+            "v1/keys?page=2",
+            "/v1/keys?page 2",
+            "/v1/keys?page=\t2",
+            "/v1/ké",
+            too_long.as_str(),
+        ] {
+            match first_page(next) {
+                FetchOutcome::Failed(why) => assert_eq!(
+                    why,
+                    "invalid key list: next: must be a path starting with '/' (visible ASCII, at most 2048 bytes)",
+                    "{next:?}"
+                ),
+                other => panic!("{next:?}: {other:?}"),
+            }
+        }
+    }
 }

@@ -403,4 +403,29 @@ mod tests {
             "malformed_api_key"
         );
     }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn the_log_reason_names_what_is_wrong_with_the_key() {
+        // The access log's `malformed_api_key (<reason>)` tells an operator
+        // which byte class the client got wrong.
+        let e = ex(&[Source::Header(b"x-api-key".to_vec())]);
+        for (v, reason) in [
+            (&b"a\xc3\xa9b"[..], "non-ASCII byte in the key"),
+            (b"a\x80", "non-ASCII byte in the key"),
+            (b"a\x01b", "control character in the key"),
+            (b"a\x7f", "control character in the key"),
+            (b"a b", "whitespace inside the key"),
+            (b"a,b", "comma in key (repeated header joined by Envoy)"),
+        ] {
+            match run(&e, &[("x-api-key", v)]) {
+                Err(d) => assert_eq!(
+                    (d.code.as_str(), d.reason),
+                    ("malformed_api_key", reason),
+                    "{v:?}"
+                ),
+                Ok(_) => panic!("{v:?} accepted"),
+            }
+        }
+    }
 }

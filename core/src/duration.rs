@@ -81,4 +81,12 @@ mod tests {
             None
         );
     }
+
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn up_to_30_decimals_are_read() {
+        let decimals = |n: usize| format!("1.{}s", "0".repeat(n));
+        assert_eq!(parse_duration_ms(&decimals(30)), Some(1000));
+        assert_eq!(parse_duration_ms(&decimals(31)), None);
+    }
 }

@@ -196,3 +196,48 @@ fn keys_with_settings_of_their_own_each_keep_theirs() {
         assert_eq!(k.meta().expires_at, Some(1_700_000_000 + i64::from(i)));
     }
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn wire_forms_with_bad_id_offsets_or_profile_indexes_are_refused() {
+    // Another VM adopts a shared key store only if every id and profile
+    // reference in it is sound; otherwise it compiles its own.
+    let good = store(&[("alpha", "a"), ("beta", "b"), ("gamma", "g")])
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    let adopted = KeyStore::from_bytes(good.clone()).unwrap();
+    let mut ids: Vec<&str> = adopted.iter().map(|k| k.id()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["a", "b", "g"]);
+    let ends_at = HEADER + 32 * 3;
+    let profiles_at = ends_at + 4 * 3;
+    let with = |at: usize, value: u32| {
+        let mut buf = good.clone();
+        buf[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        KeyStore::from_bytes(buf)
+    };
+    assert!(with(ends_at, 1).is_some(), "the id ends as written");
+    for (what, at, value) in [
+        ("an empty first id", ends_at, 0),
+        ("an id ending where the next one does", ends_at, 2),
+        ("an id ending before the previous one", ends_at + 4, 0),
+        ("an id past the arena", ends_at + 8, 4),
+        ("a profile that does not exist", profiles_at, 1),
+    ] {
+        assert!(with(at, value).is_none(), "{what}");
+    }
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_key_set_lists_its_static_keys_then_the_control_plane_ones() {
+    // The filter creates the bucket of every key it lists this way at load.
+    let set = KeySet::new(Arc::new(store(&[("s1", "static-1")]).unwrap()));
+    let ids = |set: &KeySet| set.iter().map(|k| k.id().to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(&set), ["static-1"]);
+    let merged = set
+        .with_list(Arc::new(store(&[("d1", "dyn-1")]).unwrap()))
+        .unwrap();
+    assert_eq!(ids(&merged), ["static-1", "dyn-1"]);
+}

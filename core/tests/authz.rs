@@ -281,3 +281,40 @@ fn cold_start_and_staleness_answer_503() {
     .unwrap_err();
     assert!(bad[0].field == "control_plane.poll_interval", "{bad:?}");
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn envoy_source_addresses_give_the_client_ip_that_allowed_cidrs_check() {
+    use keygate_core::host::parse_source_address;
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().ok();
+    // Envoy's `source.address`, with a port; a bare IP too.
+    assert_eq!(parse_source_address(b"10.1.2.3:40000"), ip("10.1.2.3"));
+    assert_eq!(
+        parse_source_address(b"[2001:db8::7]:443"),
+        ip("2001:db8::7")
+    );
+    assert_eq!(parse_source_address(b"192.0.2.7"), ip("192.0.2.7"));
+    assert_eq!(parse_source_address(b"::1"), ip("::1"));
+    // Anything else is no address: the decision then fails closed.
+    for bad in [&b""[..], b"localhost:80", b"10.1.2.3:port", b"\xff10.1.2.3"] {
+        assert_eq!(parse_source_address(bad), None, "{bad:?}");
+    }
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_grpc_body_refusal_is_a_grpc_reply() {
+    let p = policy();
+    for (content_type, grpc_status) in [("application/grpc", Some(3)), ("application/json", None)] {
+        let mut req = Req::new("POST", "/api/v1/ingest").key("k-sup");
+        req.0.push(("content-type".into(), content_type.into()));
+        let (c, hold) = req.decide(&p, &FakeHost::default());
+        assert_eq!(c, "allow:sup");
+        let refused = p
+            .decide_body(hold.unwrap(), b"not json", false)
+            .unwrap_err();
+        assert_eq!(refused.denial.code.as_str(), "invalid_json_body");
+        let reply = keygate_core::reply::render(&refused.denial, "");
+        assert_eq!(reply.grpc_status, grpc_status, "{content_type}");
+    }
+}

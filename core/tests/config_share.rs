@@ -324,3 +324,20 @@ fn invalid_or_unreadable_configurations_report_errors_and_publish_nothing() {
     );
     assert_eq!(store.get(INDEX).unwrap(), None);
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn two_filters_in_one_envoy_each_adopt_their_own_keys() {
+    // Two keygate filters (two configurations) published in one Envoy: a
+    // worker adopting either gets that filter's keys, never the other's.
+    let store = MemStore::default();
+    let (ab, c) = (config(&["a", "b"]), config(&["c"]));
+    load(&store, &FakeShareHost::new(&ab, 1, S));
+    load(&store, &FakeShareHost::new(&c, 1, S));
+    let (for_ab, origin_ab) = load(&store, &FakeShareHost::new(&ab, 2, 2 * S));
+    let (for_c, origin_c) = load(&store, &FakeShareHost::new(&c, 2, 2 * S));
+    assert_eq!((origin_ab, origin_c), (Origin::Adopted, Origin::Adopted));
+    assert_serves_a_and_b(&for_ab);
+    assert_eq!(verdict(&for_c, "/x", "c"), "allowed");
+    assert_eq!(verdict(&for_c, "/x", "a"), "invalid_api_key");
+}

@@ -81,3 +81,31 @@ fn a_consumer_name_is_checked_with_its_path() {
         "{e:?}"
     );
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn consumer_names_and_key_ids_are_1_to_128_visible_characters() {
+    let errors = |id: &str, consumer: &str| {
+        let cfg = json!({"keys": [{"id": id, "sha256": h("a"), "consumer": consumer}]});
+        match Policy::from_json(cfg.to_string().as_bytes()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        }
+    };
+    let longest = "c".repeat(128);
+    let too_long = "c".repeat(129);
+    assert_eq!(errors(&longest, &longest), Vec::<String>::new());
+    assert_eq!(errors("a", "!~"), Vec::<String>::new());
+    for bad in [too_long.as_str(), "acme corp", "acmé", ""] {
+        assert_eq!(
+            errors("a", bad),
+            ["keys[0].consumer: must be 1-128 visible ASCII characters"],
+            "{bad:?}"
+        );
+        assert_eq!(
+            errors(bad, "acme"),
+            ["keys[0].id: must be 1-128 visible ASCII characters"],
+            "{bad:?}"
+        );
+    }
+}

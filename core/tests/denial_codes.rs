@@ -70,3 +70,28 @@ fn all_lists_every_variant() {
         assert_eq!(declared_at(*code), i, "{code:?}");
     }
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn grpc_callers_get_the_status_the_readme_lists_for_each_http_status() {
+    // README, "gRPC callers": 16 UNAUTHENTICATED for 401, 7 PERMISSION_DENIED
+    // for 403, 8 RESOURCE_EXHAUSTED for 429 and 413, 3 INVALID_ARGUMENT for
+    // 400, 14 UNAVAILABLE for 503, 13 INTERNAL for 500.
+    let by_http = [
+        (401, 16),
+        (403, 7),
+        (429, 8),
+        (413, 8),
+        (400, 3),
+        (503, 14),
+        (500, 13),
+    ];
+    for code in DenyCode::ALL {
+        let want = by_http
+            .iter()
+            .find(|(http, _)| *http == code.status())
+            .map(|(_, grpc)| *grpc);
+        assert_eq!(Some(code.grpc_status()), want, "{code:?}");
+    }
+    assert_eq!(DenyCode::KeyListUnavailable.grpc_status(), 14);
+}

@@ -186,3 +186,96 @@ fn limit_lists_are_checked_with_their_paths() {
     )
     .starts_with("rate_limits[0].burst: makes the bucket take longer than 366 days"));
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn limit_numbers_are_accepted_up_to_their_bounds_and_refused_past_them() {
+    let errors = |limit: Value| match Policy::from_json(
+        json!({ "rate_limit": limit }).to_string().as_bytes(),
+    ) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.iter().map(ToString::to_string).collect(),
+    };
+    let accepted = |limit: Value| {
+        let e = errors(limit.clone());
+        assert!(e.is_empty(), "{limit}: {e:?}");
+    };
+    let refused = |limit: Value, error: &str| assert_eq!(errors(limit.clone()), [error], "{limit}");
+
+    let burst = "rate_limit.burst: must be an integer from 1 to 1000000";
+    accepted(json!({"requests_per_second": 1, "burst": 1}));
+    accepted(json!({"requests_per_second": 1, "burst": 1_000_000}));
+    refused(json!({"requests_per_second": 1, "burst": 0}), burst);
+    refused(json!({"requests_per_second": 1, "burst": 1_000_001}), burst);
+
+    let rps = "rate_limit.requests_per_second: must be a number from 0.001 to 1000000";
+    accepted(json!({"requests_per_second": 0.001, "burst": 1}));
+    accepted(json!({"requests_per_second": 1_000_000, "burst": 1}));
+    refused(json!({"requests_per_second": 0.0009, "burst": 1}), rps);
+    refused(json!({"requests_per_second": 1_000_000.5, "burst": 1}), rps);
+
+    let requests = "rate_limit.requests: must be an integer from 1 to 1000000000";
+    accepted(json!({"requests": 1, "per": "1s"}));
+    accepted(json!({"requests": 1_000_000_000u64, "per": "1d", "burst": 10}));
+    refused(json!({"requests": 0, "per": "1s"}), requests);
+    refused(
+        json!({"requests": 1_000_000_001u64, "per": "1d", "burst": 10}),
+        requests,
+    );
+
+    // The bucket defaults to `requests`, up to a million.
+    accepted(json!({"requests": 1_000_000, "per": "1d"}));
+    refused(
+        json!({"requests": 1_000_001, "per": "1d"}),
+        "rate_limit.burst: must be given when requests is over 1000000",
+    );
+    accepted(json!({"requests": 1_000_001, "per": "1d", "burst": 1_000}));
+
+    let per = "rate_limit.per: must be a duration from 1ms to 366d, e.g. \"1s\", \"1h\", \"30d\"";
+    accepted(json!({"requests": 1, "per": "1ms"}));
+    accepted(json!({"requests": 1, "per": "366d"}));
+    refused(json!({"requests": 1, "per": "0ms"}), per);
+    refused(json!({"requests": 1, "per": "31622400001ms"}), per);
+
+    // A bucket that refills in exactly 366 days is the longest allowed.
+    accepted(json!({"requests": 2, "per": "366d", "burst": 2}));
+    refused(
+        json!({"requests": 2, "per": "366d", "burst": 3}),
+        "rate_limit.burst: makes the bucket take longer than 366 days to refill",
+    );
+
+    let either = "rate_limit.requests_per_second: give requests_per_second (with burst), or requests and per";
+    refused(json!({"requests": 5}), either);
+    refused(json!({"per": "1s"}), either);
+    refused(
+        json!({"requests_per_second": 5, "requests": 5, "per": "1s", "burst": 1}),
+        either,
+    );
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_429_that_fails_closed_still_carries_retry_after_and_the_policy() {
+    // Without a monotonic clock no bucket can be counted: the request is
+    // refused, and the client is still told when to retry and which limit.
+    let p = policy(json!([{"name": "peak", "requests": 200, "per": "1s", "burst": 60}]));
+    let host = FakeHost::default();
+    host.monotonic.set(None);
+    let map = HeaderMap::from_pairs(vec![(&b"x-api-key"[..], &b"k-sup"[..]), (b":path", b"/")]);
+    let Decision::Deny(Denied { denial, .. }) = p.decide(&map, &host) else {
+        panic!("allowed without a clock");
+    };
+    assert_eq!(denial.code.as_str(), "rate_limited");
+    let r = reply::render(&denial, "");
+    let get = |n: &str| {
+        r.headers
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("retry-after").as_deref(), Some("1"));
+    assert_eq!(
+        get("ratelimit-policy").as_deref(),
+        Some("\"peak\";q=60;w=1")
+    );
+}

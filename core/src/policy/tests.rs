@@ -157,3 +157,56 @@ fn a_refusal_names_the_key_by_id_or_masked_never_in_full() {
     assert_eq!(d(b"kg_live_ffffffffffff9999", b"/"), "masked=kg_l…9999");
     assert_eq!(d(b"bad key", b"/"), "-");
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn the_bucket_scope_logged_at_load_is_where_the_key_buckets_are() {
+    // The filter logs "buckets under <scope>" when it loads a configuration:
+    // an operator looking for a key's bucket in shared data starts there.
+    let mut p = Policy::from_json(
+        format!(
+            r#"{{"keys":[{{"id":"k","sha256":"{}","rate_limit":{{"requests_per_second":1,"burst":1}}}}]}}"#,
+            h("k-logged")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(p.bucket_scope(), "keygate/rl//");
+    p.scope_buckets("edge/public");
+    assert_eq!(p.bucket_scope(), "keygate/rl/edge%2Fpublic/");
+    let key = p.keys().lookup(b"k-logged").unwrap();
+    let bucket = p.key_bucket(&key).unwrap();
+    assert!(
+        bucket.as_str().starts_with(p.bucket_scope()),
+        "{}",
+        bucket.as_str()
+    );
+}
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn grpc_callers_are_refused_with_a_grpc_status() {
+    let p = Policy::from_json(
+        format!(r#"{{"keys":[{{"id":"a","sha256":"{}"}}]}}"#, h("k-grpc")).as_bytes(),
+    )
+    .unwrap();
+    let host = FakeHost::default();
+    for (content_type, grpc_status) in [
+        (&b"application/grpc"[..], Some(16)),
+        (b"application/grpc+proto", Some(16)),
+        (b"application/json", None),
+    ] {
+        let headers = HeaderMap::from_pairs(vec![
+            (&b":path"[..], &b"/pkg.Service/Method"[..]),
+            (b"content-type", content_type),
+        ]);
+        match p.decide(&headers, &host) {
+            Decision::Deny(d) => {
+                assert_eq!(d.denial.code, DenyCode::MissingApiKey);
+                let reply = crate::reply::render(&d.denial, "");
+                assert_eq!(reply.grpc_status, grpc_status, "{content_type:?}");
+            }
+            Decision::Allow(_) => panic!("{content_type:?}: allowed without a key"),
+        }
+    }
+}

@@ -354,3 +354,31 @@ fn ensure_bucket_keeps_existing_state() {
     ensure_bucket(&store, "k").unwrap();
     assert!(!take_shared(&store, "k", &l, 5 * S).unwrap().allowed);
 }
+
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn ensure_bucket_creates_a_full_bucket_and_replaces_a_malformed_one() {
+    // Envoy's shared data guards a write with its CAS token only once the
+    // key exists: the filter creates every static key's bucket at load, so
+    // that two workers' first requests cannot both write unguarded.
+    let store = MemStore::default();
+    ensure_bucket(&store, "k").unwrap();
+    let Some((bytes, Some(_))) = store.get("k").unwrap() else {
+        panic!("no bucket created");
+    };
+    assert_eq!(bytes, encode_tat(0));
+    // A full bucket: a burst of 2 admits twice at once.
+    let l = Limit::new(1.0, 2);
+    assert!(take_shared(&store, "k", &l, 5 * S).unwrap().allowed);
+    assert!(take_shared(&store, "k", &l, 5 * S).unwrap().allowed);
+    // A value that is no whole number of TATs is replaced with a full bucket.
+    for bad in [&b""[..], b"\x01\x02\x03"] {
+        let store = MemStore::default();
+        store.set("k", bad, None).unwrap();
+        ensure_bucket(&store, "k").unwrap();
+        assert_eq!(
+            store.get("k").unwrap().map(|(v, _)| v),
+            Some(encode_tat(0).to_vec())
+        );
+    }
+}
