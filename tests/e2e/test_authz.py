@@ -328,7 +328,7 @@ INVALID = {
     "unknown_default_action": ({"default_action": "allow_all"}, "default_action"),
     "unknown_match_field": (_rule(match={"paths": "/x"}), "rules[0].match.paths"),
     "unknown_attachment_source": (_rule(attachment={"set": "campaigns", "from": {"cookie": "c"}}),
-                                  "rules[0].attachment.from"),
+                                  "rules[0].attachment.from.cookie"),
 }
 
 

@@ -80,7 +80,12 @@ def test_a_key_rotated_under_traffic_never_fails_a_request(served, start_envoy, 
     keys, port, _seed = served
     old = cli("keys", "create", "--id", "acme-2026", "--scopes", "read", "--file", str(keys)).strip()
     envoy = start_envoy(cp_config(poll_interval="500ms", timeout="1s"), port, concurrency=2)
-    assert harness.wait_until(lambda: envoy.request("GET", "/", [harness.xkey(old)]).status == 200, timeout=10)
+    # Both workers must hold the first list before traffic starts: the second
+    # adopts it at its next tick (a quarter of the poll interval) and answers
+    # 503 key_list_unavailable until then. Eight fresh connections reach both.
+    assert harness.wait_until(
+        lambda: all(envoy.request("GET", "/", [harness.xkey(old)]).status == 200 for _ in range(8)), timeout=10
+    )
 
     current = [old]
     statuses: list[int] = []
