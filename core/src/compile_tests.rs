@@ -310,3 +310,67 @@ fn key_attachments_that_are_not_an_object_say_what_is_expected() {
         "{e}"
     );
 }
+
+/// Mutation testing (scripts/mutants.sh) found these boundaries unguarded:
+/// a rule name that is not a word but holds no `/`; a public rule whose only
+/// extra is a rate limit; a one-letter JSON-body field.
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn rule_names_public_rules_and_short_body_fields_at_their_edges() {
+    let rule = |r: &str| format!(r#"{{"rules":[{r}]}}"#);
+    for name in [r#""two words""#, r#""a/b""#, r#""""#] {
+        let e = first_error(&rule(&format!(
+            r#"{{"name":{name},"match":{{"path":"/x"}},"action":"require"}}"#
+        )));
+        assert!(
+            e.starts_with("rules[0].name: must be 1-64 visible ASCII"),
+            "{name}: {e}"
+        );
+    }
+    assert_eq!(
+        errors(&rule(
+            r#"{"name":"plain-name_1.v2","match":{"path":"/x"},"action":"require"}"#
+        )),
+        Vec::<String>::new()
+    );
+    for action in ["public", "deny"] {
+        let e = first_error(&rule(&format!(
+            r#"{{"match":{{"path":"/x"}},"action":"{action}","rate_limit":{{"requests_per_second":1,"burst":1}}}}"#
+        )));
+        assert!(
+            e.starts_with("rules[0].action: public and deny rules take no"),
+            "{action}: {e}"
+        );
+    }
+    let body_rule = |field: &str| {
+        rule(&format!(
+            r#"{{"match":{{"path":"/x"}},"action":"require","attachment":{{"set":"s","from":{{"json_body":"{field}"}}}}}}"#
+        ))
+    };
+    assert_eq!(errors(&body_rule("a")), Vec::<String>::new());
+    assert_eq!(errors(&body_rule("/a")), Vec::<String>::new());
+    assert_eq!(
+        first_error(&body_rule("/")),
+        "rules[0].attachment.from.json_body: must name a field"
+    );
+}
+
+/// A duplicate id is reported also when one of the two records failed to
+/// compile for another reason, so one pass shows every problem (found by
+/// mutation testing: skipping the failed records' ids went unseen).
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_duplicate_id_is_reported_beside_the_other_problem_of_its_record() {
+    let good = format!(r#"{{"id":"dup","sha256":"{}"}}"#, h("k1"));
+    let bad = r#"{"id":"dup","sha256":"not-hex"}"#;
+    for keys in [format!("[{good},{bad}]"), format!("[{bad},{good}]")] {
+        let e = errors(&format!(r#"{{"keys":{keys}}}"#));
+        assert!(e.iter().any(|e| e.contains("].sha256: ")), "{e:?}");
+        assert!(
+            e.contains(&r#"keys[1].id: duplicate id "dup""#.to_string()),
+            "{e:?}"
+        );
+    }
+    let two_bad = r#"{"keys":[{"id":"dup","sha256":"x"},{"id":"dup","sha256":"y"}]}"#;
+    assert!(errors(two_bad).contains(&r#"keys[1].id: duplicate id "dup""#.to_string()));
+}

@@ -191,6 +191,21 @@ mod tests {
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test;
 
+    /// An empty map as Envoy serializes it (a zero count and nothing else)
+    /// is a map, and one byte short of the sizes it announces is not
+    /// (found by mutation testing: `>` against `>=` on the sizes' end).
+    #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn a_zero_count_is_an_empty_map_and_a_short_buffer_is_refused() {
+        let empty = encode(&[]);
+        assert_eq!(empty, [0, 0, 0, 0]);
+        let map = HeaderMap::decode(&empty).unwrap();
+        assert_eq!(map.iter().count(), 0);
+        let one = encode(&[(b"a".as_slice(), b"b".as_slice())]);
+        assert!(HeaderMap::decode(&one).is_some());
+        assert!(HeaderMap::decode(&one[..11]).is_none());
+    }
+
     #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
     #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
     fn round_trips_including_non_utf8_values() {

@@ -382,3 +382,74 @@ fn ensure_bucket_creates_a_full_bucket_and_replaces_a_malformed_one() {
         );
     }
 }
+
+/// A request one limit refuses spends no token of the others, also when
+/// that refusal writes the value back (its bucket was further behind than
+/// its new limit allows, so its state is capped and stored). Found by
+/// mutation testing: keeping the admitting limits' new state on such a
+/// refusal went unseen.
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_refusal_by_one_limit_spends_nothing_of_the_others() {
+    let named = |name: &str, limit: Limit| NamedLimit {
+        name: LimitName::new(name).unwrap(),
+        limit,
+    };
+    let store = MemStore::default();
+    let t0 = 100 * S;
+    // Under an old, slow `peak` the key's bucket is 1000 s in debt.
+    let old = [named("peak", Limit::new(0.001, 1))];
+    assert!(take_shared_all(&store, "k", &old, t0).unwrap().allowed);
+    // Now `peak` is one a second and `reserve` five in all (it refills once
+    // in 1000 s). The first request is refused by `peak`, whose debt is
+    // capped and written back; `reserve` must keep its five.
+    let limits = [
+        named("peak", Limit::new(1.0, 1)),
+        named("reserve", Limit::new(0.001, 5)),
+    ];
+    for _ in 0..3 {
+        let o = take_shared_all(&store, "k", &limits, t0).unwrap();
+        assert!(!o.allowed);
+        assert_eq!(o.info.policy.as_str(), "peak");
+    }
+    let admitted: Vec<bool> = (1..=6)
+        .map(|s| {
+            take_shared_all(&store, "k", &limits, t0 + s * S)
+                .unwrap()
+                .allowed
+        })
+        .collect();
+    assert_eq!(admitted, [true, true, true, true, true, false]);
+    let last = take_shared_all(&store, "k", &limits, t0 + 7 * S).unwrap();
+    assert_eq!(last.info.policy.as_str(), "reserve");
+}
+
+/// When the memo is full of buckets that still block, new ones replace the
+/// oldest in turn, so the last `MAX_BLOCKED` refused keys are the ones
+/// remembered, not only the very last (found by mutation testing: a
+/// replacement cursor that never moved went unseen).
+#[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]
+#[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+fn a_full_memo_replaces_its_oldest_entries_in_turn() {
+    let l = Limit::new(0.001, 1);
+    let store = MemStore::default();
+    let memo = BlockedBuckets::default();
+    let now = 100 * S;
+    let keys: Vec<String> = (0..MAX_BLOCKED + 2).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        assert!(take_with_memo(&memo, &store, key, &l, now).allowed);
+        assert!(!take_with_memo(&memo, &store, key, &l, now).allowed);
+    }
+    assert_eq!(memo.len(), MAX_BLOCKED);
+    let remembered: Vec<bool> = keys
+        .iter()
+        .map(|k| memo.refusal(k, &l, now).is_some())
+        .collect();
+    // The first two made room for the last two; every other one is kept.
+    assert_eq!(remembered.iter().filter(|&&r| r).count(), MAX_BLOCKED);
+    assert!(!remembered[0] && !remembered[1], "{remembered:?}");
+    assert!(
+        remembered[MAX_BLOCKED] && remembered[MAX_BLOCKED + 1],
+        "{remembered:?}"
+    );
+}
