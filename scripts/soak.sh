@@ -17,9 +17,5 @@
 set -euo pipefail
 # shellcheck source=test.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/test.sh"
-cd "$KEYGATE_ROOT"
-ensure_rust
-ensure_venv
-ensure_binaryen
-build_wasm
+prepare_envoy_run
 ENVOY_BIN="$(envoy_bin)" exec "$KEYGATE_VENV/bin/python" tests/e2e/soak.py "$@"

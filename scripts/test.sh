@@ -206,6 +206,17 @@ build_wasm() {
   build_module release
 }
 
+# What a measurement script in front of real Envoy needs first (soak.sh,
+# revocation.sh): the toolchain, .venv with Envoy, binaryen, and the release
+# module, built.
+prepare_envoy_run() {
+  cd "$KEYGATE_ROOT"
+  ensure_rust
+  ensure_venv
+  ensure_binaryen
+  build_wasm
+}
+
 # The same module with the `crash-test` feature: it panics on a request
 # carrying $KEYGATE_CRASH_MARKER (tests/e2e/test_crash.py).
 build_crash_test_wasm() {
