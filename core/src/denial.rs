@@ -218,19 +218,6 @@ impl std::fmt::Debug for LimitName {
     }
 }
 
-impl serde::Serialize for LimitName {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for LimitName {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(d)?;
-        LimitName::new(&name).ok_or_else(|| serde::de::Error::custom("not a limit name"))
-    }
-}
-
 /// Rate-limit figures attached to a 429.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateInfo {

@@ -404,13 +404,65 @@ fn compile_meta(k: &KeyConfig, field: &str, errors: &mut Vec<ConfigError>) -> Ke
     }
 }
 
-/// An address (`10.0.0.1`) or a network (`10.0.0.0/8`).
+/// An address (`10.0.0.1`) or a network (`10.0.0.0/8`): the address by the
+/// standard library's parser (the one that reads the peer's address), the
+/// prefix as 1-3 decimal digits no longer than the address.
 fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
-    s.parse::<ipnet::IpNet>()
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+    let Some((addr, prefix)) = s.split_once('/') else {
+        return s.parse::<IpAddr>().ok().map(ipnet::IpNet::from);
+    };
+    if prefix.is_empty() || prefix.len() > 3 || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    ipnet::IpNet::new(addr.parse::<IpAddr>().ok()?, prefix.parse().ok()?).ok()
 }
 
 pub(crate) fn is_word(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cidr;
+
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[test]
+    #[cfg_attr(all(target_arch = "wasm32", target_os = "unknown"), wasm_bindgen_test)]
+    fn networks_and_addresses_parse_and_nothing_else() {
+        for (text, network) in [
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("10.1.2.3/8", "10.1.2.3/8"),
+            ("192.0.2.7", "192.0.2.7/32"),
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("2001:db8::/32", "2001:db8::/32"),
+            ("::1", "::1/128"),
+            ("2001:db8::/128", "2001:db8::/128"),
+        ] {
+            assert_eq!(
+                parse_cidr(text).map(|n| n.to_string()).as_deref(),
+                Some(network),
+                "{text}"
+            );
+        }
+        for text in [
+            "10.0.0.0/33",
+            "2001:db8::/129",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/-1",
+            "10.0.0.0/8/8",
+            "10.0.0.0/0008",
+            "10.0.0/8",
+            "/8",
+            "",
+            "10.0.0.0 /8",
+            "010.0.0.1",
+            "example.org/8",
+            "10.0.0.0/８",
+        ] {
+            assert_eq!(parse_cidr(text), None, "{text}");
+        }
+    }
 }

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::Mode;
@@ -45,31 +44,23 @@ pub fn parse_digest(hex_str: &str) -> Option<Digest> {
 pub const MAX_ID_LEN: usize = 128;
 
 /// Optional per-key metadata.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct KeyMeta {
     /// Scopes held.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
     /// Unix seconds after which the key is expired.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
     /// Revoked.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
     /// Allowed downstream networks (empty: any).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_cidrs: Vec<ipnet::IpNet>,
     /// Attachment sets, each sorted for bisection.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<(String, Vec<String>)>,
     /// Environment, e.g. `live`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
     /// Mode of this key's refusals, if the record sets one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
     /// The consumer the key belongs to, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer: Option<String>,
 }
 
@@ -85,14 +76,12 @@ impl KeyMeta {
 
 /// The settings of a key besides its id and digest. Keys with equal
 /// settings share one profile.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Profile {
     /// The key's own rate limits, all of which must admit (the policy's
     /// default applies when there are none).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<NamedLimit>,
     /// Scopes, expiry, revocation, CIDRs, attachments.
-    #[serde(default)]
     pub meta: KeyMeta,
 }
 
@@ -120,13 +109,13 @@ impl<'s> KeyRef<'s> {
     }
 }
 
-const MAGIC: &[u8; 4] = b"KGK1";
+const MAGIC: &[u8; 4] = b"KGK2";
 const HEADER: usize = 16;
 
 /// Digest → key index over one compact buffer (layout: 16-byte header with
 /// the key count, arena and profile-table sizes; the sorted digests; the end
 /// offset of each id; the profile index of each key; the id arena; the
-/// profile table as JSON).
+/// profile table, in [`crate::profile_table`]'s form).
 #[derive(Debug, Clone)]
 pub struct KeyStore {
     buf: Vec<u8>,
@@ -260,7 +249,7 @@ impl KeyStore {
         if table_at.checked_add(table_len)? != buf.len() {
             return None;
         }
-        let profiles: Vec<Profile> = serde_json::from_slice(buf.get(table_at..)?).ok()?;
+        let profiles = crate::profile_table::decode(buf.get(table_at..)?)?;
         let mut store = KeyStore { buf, n, profiles };
         let arena = store.buf.get(ids_at..table_at)?;
         if !arena.iter().all(|b| (0x21..=0x7e).contains(b)) {
@@ -472,7 +461,7 @@ impl KeyStoreBuilder {
         if !clashes.is_empty() {
             return Err(clashes);
         }
-        let table = serde_json::to_vec(&self.profiles).unwrap_or_else(|_| b"[]".to_vec());
+        let table = crate::profile_table::encode(&self.profiles);
         let mut buf = Vec::with_capacity(HEADER + 40 * n + self.ids.len() + table.len());
         buf.extend_from_slice(MAGIC);
         for v in [n, self.ids.len(), table.len()] {

@@ -25,6 +25,7 @@ pub mod keylist;
 pub mod keys;
 pub mod policy;
 pub mod poller;
+mod profile_table;
 pub mod published;
 pub mod ratelimit;
 pub mod reply;

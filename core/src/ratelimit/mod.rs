@@ -28,7 +28,7 @@ const MAX_INTERVAL_NS: u64 = MAX_WINDOW_MS * 1_000_000;
 pub const MAX_CAS_RETRIES: usize = 32;
 
 /// A compiled limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Limit {
     /// Nanoseconds between two admitted requests at the sustained rate.
     pub interval_ns: u64,
@@ -144,7 +144,7 @@ impl Limit {
 pub const MAX_LIMITS: usize = 8;
 
 /// A limit and the name a 429 shows for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NamedLimit {
     /// Its name (`default` for a lone `rate_limit`).
     pub name: LimitName,
