@@ -14,6 +14,8 @@ use sha2::{Digest as _, Sha256};
 use crate::config::Mode;
 use crate::ratelimit::NamedLimit;
 
+mod profile_table;
+
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
 
@@ -115,7 +117,7 @@ const HEADER: usize = 16;
 /// Digest → key index over one compact buffer (layout: 16-byte header with
 /// the key count, arena and profile-table sizes; the sorted digests; the end
 /// offset of each id; the profile index of each key; the id arena; the
-/// profile table, in [`crate::profile_table`]'s form).
+/// profile table in keygate's own binary form, `keys/profile_table.rs`).
 #[derive(Debug, Clone)]
 pub struct KeyStore {
     buf: Vec<u8>,
@@ -249,7 +251,7 @@ impl KeyStore {
         if table_at.checked_add(table_len)? != buf.len() {
             return None;
         }
-        let profiles = crate::profile_table::decode(buf.get(table_at..)?)?;
+        let profiles = profile_table::decode(buf.get(table_at..)?)?;
         let mut store = KeyStore { buf, n, profiles };
         let arena = store.buf.get(ids_at..table_at)?;
         if !arena.iter().all(|b| (0x21..=0x7e).contains(b)) {
@@ -461,7 +463,7 @@ impl KeyStoreBuilder {
         if !clashes.is_empty() {
             return Err(clashes);
         }
-        let table = crate::profile_table::encode(&self.profiles);
+        let table = profile_table::encode(&self.profiles);
         let mut buf = Vec::with_capacity(HEADER + 40 * n + self.ids.len() + table.len());
         buf.extend_from_slice(MAGIC);
         for v in [n, self.ids.len(), table.len()] {

@@ -25,7 +25,6 @@ pub mod keylist;
 pub mod keys;
 pub mod policy;
 pub mod poller;
-mod profile_table;
 pub mod published;
 pub mod ratelimit;
 pub mod reply;

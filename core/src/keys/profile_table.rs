@@ -1,4 +1,4 @@
-//! The profile table of a [`KeyStore`](crate::keys::KeyStore) buffer: every
+//! The profile table of a [`KeyStore`](super::KeyStore) buffer: every
 //! distinct [`Profile`] in a compact binary form, written by the VM that
 //! compiles a key list and read by every VM that adopts it.
 //!
@@ -17,9 +17,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use super::{KeyMeta, Profile};
 use crate::config::Mode;
 use crate::denial::LimitName;
-use crate::keys::{KeyMeta, Profile};
 use crate::ratelimit::{Limit, NamedLimit};
 
 /// Encodes `profiles` (none can fail: counts over `u32` are cut, which the
