@@ -6,7 +6,7 @@ other processes on a shared machine cannot move, unlike CPU time.
 
 One Envoy (`--concurrency 1`) runs under `valgrind --tool=callgrind` with a
 listener per configuration (bench.py's baseline, empty-wasm, keygate-10,
-keygate-10-fs, keygate-10-4limits, plus each extra build LABEL=path.wasm with
+keygate-10-fs, keygate-10-4limits, keygate-10-shadow, plus each extra build LABEL=path.wasm with
 keygate-10's configuration; `--only` picks which, at most three with a wasm
 filter, default baseline, empty-wasm, keygate-10, keygate-10-fs); a plain Envoy is the upstream of the proxied
 route. Instrumentation is off except while `--requests` requests go over one
@@ -42,15 +42,16 @@ from keygate_bench.configs import bootstrap, huge_limits, key_list, keygate_conf
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def request_loop(port: int, path: str, key: str, n: int) -> None:
+def request_loop(port: int, path: str, key: str, n: int, status: int = 200) -> None:
+    """`n` requests over one connection, each answered `status` (no key: `key` empty)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         for _ in range(n):
-            conn.request("GET", path, headers={"x-api-key": key})
+            conn.request("GET", path, headers={"x-api-key": key} if key else {})
             r = conn.getresponse()
             r.read()
-            if r.status != 200:
-                raise RuntimeError(f"{path} on {port}: {r.status}")
+            if r.status != status:
+                raise RuntimeError(f"{path} on {port}: {r.status}, expected {status}")
     finally:
         conn.close()
 
@@ -79,20 +80,26 @@ def main() -> int:
     ap.add_argument("--empty", type=Path, default=ROOT / "target/bench-empty/wasm32-wasip1/release/keygate_bench_empty.wasm")
     ap.add_argument("--only", default="baseline,empty-wasm,keygate-10,keygate-10-fs",
                     help="comma-separated configuration names to run, at most three with a wasm filter")
+    ap.add_argument("--paths", default="allowed",
+                    help="comma-separated: allowed (both routes), 401 (no key) and 429 (a key over its limit), the last two on /direct for keygate configurations")
     args = ap.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("valgrind (callgrind) not found: apt-get install valgrind", file=sys.stderr)
         return 2
     envoy_bin = harness.envoy_binary()
-    allowed = harness.new_key()
-    entries = [{"id": "bench-allowed", "sha256": harness.sha256_hex(allowed)}]
+    allowed, limited = harness.new_key(), harness.new_key()
+    entries = [
+        {"id": "bench-allowed", "sha256": harness.sha256_hex(allowed)},
+        {"id": "bench-limited", "sha256": harness.sha256_hex(limited), "rate_limit": {"requests_per_second": 0.001, "burst": 1}},
+    ]
     kg = keygate_config(key_list(10, entries))
     configs: list[tuple[str, list[dict]]] = [
         ("baseline", []),
         ("empty-wasm", [wasm_filter("empty", "empty", args.empty, "")]),
         ("keygate-10", [wasm_filter("keygate", "keygate", args.keygate, kg)]),
         ("keygate-10-fs", [wasm_filter("keygate-fs", "keygate", args.keygate, keygate_config(key_list(10, entries), forward_with="filter_state"))]),
-        ("keygate-10-4limits", [wasm_filter("keygate-4l", "keygate", args.keygate, keygate_config(key_list(10, [{**entries[0], "rate_limits": huge_limits(4)}])))]),
+        ("keygate-10-4limits", [wasm_filter("keygate-4l", "keygate", args.keygate, keygate_config(key_list(10, [{**entries[0], "rate_limits": huge_limits(4)}, entries[1]])))]),
+        ("keygate-10-shadow", [wasm_filter("keygate-shadow", "keygate", args.keygate, keygate_config(key_list(10, entries), mode="shadow"))]),
     ]
     for b in args.builds:
         label, _, path = b.partition("=")
@@ -131,32 +138,47 @@ def main() -> int:
                 return 1
             time.sleep(1)
         print(f"envoy under callgrind ready in {time.monotonic() - t0:.0f}s", flush=True)
-        cells = [(i, name, route) for i, (name, _) in enumerate(configs) for route in ("/direct", "/proxy")]
-        for i, name, route in cells:  # first traffic of every cell, uncounted
-            request_loop(ports[i], route, allowed, 50)
-        ir: dict[tuple[str, str], list[float]] = {}
+        paths = args.paths.split(",")
+        cells = [(i, name, route, "allowed") for i, (name, _) in enumerate(configs) for route in ("/direct", "/proxy") if "allowed" in paths]
+        cells += [(i, name, "/direct", p) for p in ("401", "429") if p in paths
+                  for i, (name, _) in enumerate(configs) if name not in ("baseline", "empty-wasm")]
+
+        def request(i: int, name: str, route: str, path: str, n: int) -> None:
+            shadow = name.endswith("-shadow")  # refusals reported, the request forwarded
+            key = {"allowed": allowed, "401": "", "429": limited}[path]
+            request_loop(ports[i], route, key, n, 200 if path == "allowed" or shadow else int(path))
+
+        for i, (name, _) in enumerate(configs):  # spend the limited key's one token
+            if name not in ("baseline", "empty-wasm") and "429" in paths:
+                request_loop(ports[i], "/direct", limited, 1)
+        for cell in cells:  # first traffic of every cell, uncounted
+            request(*cell, 50)
+        ir: dict[tuple[str, str, str], list[float]] = {}
         for rnd in range(args.rounds):
             k = rnd % len(cells)
-            for i, name, route in cells[k:] + cells[:k]:
-                request_loop(ports[i], route, allowed, 20)
+            for i, name, route, path in cells[k:] + cells[:k]:
+                request(i, name, route, path, 20)
                 before = set(work.glob("callgrind.out.*"))
                 control("-i", "on", str(vg.pid))
-                request_loop(ports[i], route, allowed, args.requests)
+                request(i, name, route, path, args.requests)
                 control("-d", str(vg.pid))
                 control("-i", "off", str(vg.pid))
                 per = totals(work, before) / args.requests
                 control("-z", str(vg.pid))
-                ir.setdefault((name, route), []).append(per)
-                print(f"  round {rnd + 1} {name:22s} {route:7s} {per:10.0f} Ir/req", flush=True)
+                ir.setdefault((name, route, path), []).append(per)
+                print(f"  round {rnd + 1} {name:22s} {route:7s} {path:7s} {per:10.0f} Ir/req", flush=True)
         print()
         print(f"== instructions per request (callgrind, {args.requests} requests per cell, one connection, median of {args.rounds} rounds) ==")
         first = configs[0][0]
-        base = {r: statistics.median(ir[(first, r)]) for r in ("/direct", "/proxy")}
-        empty = {r: statistics.median(ir.get(("empty-wasm", r), ir[(first, r)])) for r in ("/direct", "/proxy")}
-        print(f"{'config':22s} {'route':7s} {'Ir/req':>10s} {'+' + first:>9s} {'+empty':>9s}")
-        for (name, route), v in ir.items():
+        allowed_ir = {k: statistics.median(v) for k, v in ir.items() if k[2] == "allowed"}
+        base = {r: allowed_ir.get((first, r, "allowed"), 0.0) for r in ("/direct", "/proxy")}
+        empty = {r: allowed_ir.get(("empty-wasm", r, "allowed"), base[r]) for r in ("/direct", "/proxy")}
+        print(f"{'config':22s} {'route':7s} {'path':7s} {'Ir/req':>10s} {'+' + first:>9s} {'+empty':>9s} {'-allowed':>9s}")
+        for (name, route, path), v in ir.items():
             m = statistics.median(v)
-            print(f"{name:22s} {route:7s} {m:10.0f} {m - base[route]:+9.0f} {m - empty[route]:+9.0f}")
+            own = allowed_ir.get((name, route, "allowed"))
+            vs_allowed = f"{m - own:+9.0f}" if own is not None and path != "allowed" else f"{'':9s}"
+            print(f"{name:22s} {route:7s} {path:7s} {m:10.0f} {m - base[route]:+9.0f} {m - empty[route]:+9.0f} {vs_allowed}")
     finally:
         for p in (vg, up):
             p.terminate()
