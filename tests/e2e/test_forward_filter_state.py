@@ -180,3 +180,34 @@ def _route_configs(node):
     elif isinstance(node, list):
         for v in node:
             yield from _route_configs(v)
+
+
+@pytest.mark.parametrize("mode", ["headers", "filter_state"])
+def test_only_header_mode_lets_the_identity_select_a_route(envoy_fn, mode: str):
+    """keygate's header edits make Envoy match the route again, so a route can
+    match on the identity header; with filter state the route is chosen before
+    its header options run, so the same route never matches (README,
+    "Forwarding through filter state")."""
+    config = {**CONFIG, "forward_with": mode}
+    answer = lambda text: {"direct_response": {"status": 200, "body": {"inline_string": text}}}  # noqa: E731
+    by_identity = {"prefix": "/who", "headers": [{"name": "x-api-key-id", "string_match": {"exact": "alpha"}}]}
+    route_config = {
+        "route_config": {
+            "name": "local",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": by_identity, **answer("by-identity")}, {"match": {"prefix": "/who"}, **answer("default")}],
+                }
+            ],
+        }
+    }
+    gate = envoy_fn(config, hcm_extra=route_config)
+    r = gate.request("GET", "/who", [xkey(ALPHA)])
+    assert r.status == 200, r
+    assert r.body == (b"by-identity" if mode == "headers" else b"default"), (mode, r.body)
+    # A client's own copy of the identity header never selects the route: keygate
+    # removes it (any mode), and a request without a valid key is refused first.
+    r = gate.request("GET", "/who", [xkey(TEAM_A), ("x-api-key-id", "alpha")])
+    assert r.body == b"default", (mode, r.body)
