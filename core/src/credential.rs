@@ -93,6 +93,23 @@ impl Extractor {
         }
     }
 
+    /// [`Extractor::every_carrier`] narrowed to the sources `headers` holds:
+    /// removing an absent header changes nothing, and every removal is a
+    /// host call after which Envoy matches the route again.
+    pub fn carriers_in(&self, headers: &HeaderMap<'_>) -> Credential<'static> {
+        let header_bits = self
+            .headers
+            .iter()
+            .enumerate()
+            .filter(|(_, name)| headers.get(name).is_some())
+            .fold(0u32, |bits, (i, _)| bits | 1 << (i as u32).min(31));
+        Credential {
+            key: b"",
+            header_bits,
+            in_authorization: (self.bearer || self.bare) && headers.get(AUTHORIZATION).is_some(),
+        }
+    }
+
     /// Names of the headers that carried `cred`, for stripping before forwarding.
     pub fn carrier_names<'s>(&'s self, cred: &Credential<'_>) -> impl Iterator<Item = &'s [u8]> {
         let bits = cred.header_bits;

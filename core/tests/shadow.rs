@@ -149,6 +149,20 @@ fn in_shadow_only_a_valid_key_gets_an_identity_and_nothing_spoofed_passes() {
     assert_eq!(s.code, Some("malformed_api_key"));
     assert_eq!(s.identity, None);
     assert_eq!(s.removed, ["authorization", "x-api-key", "x_api_key-ID"]);
+    // Only the sources the request holds are removed (an absent header needs
+    // no host call, and each removal makes Envoy match the route again).
+    for (headers, removed) in [
+        (vec![], vec![]),
+        (
+            vec![("authorization", "Basic dXNlcjpwdw==")],
+            vec!["authorization"],
+        ),
+        (vec![("X-Api-Key", "bad key")], vec!["x-api-key"]),
+    ] {
+        let s = seen("/", &headers);
+        assert!(s.code.is_some(), "{headers:?}");
+        assert_eq!(s.removed, removed, "{headers:?}");
+    }
 }
 
 #[cfg_attr(not(all(target_arch = "wasm32", target_os = "unknown")), test)]

@@ -327,7 +327,7 @@ impl Policy {
     /// Applies the mode of a refusal: the key's, else the rule's, else the
     /// policy's. In shadow mode the request goes on, carrying the refusal;
     /// it gets an identity only from a valid key, and loses the credential
-    /// (every configured source when none was read) and client copies of
+    /// (every configured source present when none was read) and client copies of
     /// the identity header as an allowed request does.
     fn refuse<'p, 'h>(
         &'p self,
@@ -348,7 +348,9 @@ impl Policy {
                 ..denied
             }),
             Mode::Shadow => {
-                let credential = r.credential.unwrap_or_else(|| r.extractor.every_carrier());
+                let credential = r
+                    .credential
+                    .unwrap_or_else(|| r.extractor.carriers_in(headers));
                 Decision::Allow(Allowed {
                     key: r.valid_key,
                     rate: None,
