@@ -8,7 +8,8 @@ A build may name a configuration variant after a colon: `no-limit` (no rate
 limits, so no clock, bucket get or CAS set; no 429 path), `no-strip`
 (`strip_credentials: false`), `no-limit-no-strip`, or `100k` (100,000 keys, as
 bench.py's `keygate-100k`; also `100k-no-limit`, `100k-no-strip`), or `filter-state`
-(`"forward_with": "filter_state"`, as bench.py's `keygate-10-fs`); the default is the
+(`"forward_with": "filter_state"`, as bench.py's `keygate-10-fs`), or `shadow`
+(`"mode": "shadow"`: its 401 and 429 are the shadow path, answered 200); the default is the
 `keygate-10` configuration of bench.py. `floor` marks a module that is not
 keygate, such as the bench's empty filter
 (`target/bench-empty/wasm32-wasip1/release/keygate_bench_empty.wasm`): only its
