@@ -66,3 +66,5 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn read_list(file: &Path) -> keygate_core::config::KeyList {
     keygate_core::keylist::validate_key_list(&std::fs::read(file).unwrap()).unwrap()
 }
+
+pub mod server;
