@@ -139,18 +139,17 @@ def main() -> int:
             time.sleep(1)
         print(f"envoy under callgrind ready in {time.monotonic() - t0:.0f}s", flush=True)
         paths = args.paths.split(",")
+        gated = [(i, name) for i, (name, _) in enumerate(configs) if name not in ("baseline", "empty-wasm")]  # answer 401/429
         cells = [(i, name, route, "allowed") for i, (name, _) in enumerate(configs) for route in ("/direct", "/proxy") if "allowed" in paths]
-        cells += [(i, name, "/direct", p) for p in ("401", "429") if p in paths
-                  for i, (name, _) in enumerate(configs) if name not in ("baseline", "empty-wasm")]
+        cells += [(i, name, "/direct", p) for p in ("401", "429") if p in paths for i, name in gated]
 
         def request(i: int, name: str, route: str, path: str, n: int) -> None:
             shadow = name.endswith("-shadow")  # refusals reported, the request forwarded
             key = {"allowed": allowed, "401": "", "429": limited}[path]
             request_loop(ports[i], route, key, n, 200 if path == "allowed" or shadow else int(path))
 
-        for i, (name, _) in enumerate(configs):  # spend the limited key's one token
-            if name not in ("baseline", "empty-wasm") and "429" in paths:
-                request_loop(ports[i], "/direct", limited, 1)
+        for i, _ in gated if "429" in paths else []:  # spend the limited key's one token
+            request_loop(ports[i], "/direct", limited, 1)
         for cell in cells:  # first traffic of every cell, uncounted
             request(*cell, 50)
         ir: dict[tuple[str, str, str], list[float]] = {}

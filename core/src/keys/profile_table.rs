@@ -33,13 +33,13 @@ pub(crate) fn encode(profiles: &[Profile]) -> Vec<u8> {
             let name = l.name.as_str().as_bytes();
             w.u8(name.len() as u8);
             w.0.extend_from_slice(name);
-            w.0.extend_from_slice(&l.limit.interval_ns.to_le_bytes());
-            w.0.extend_from_slice(&l.limit.burst.to_le_bytes());
+            w.u64(l.limit.interval_ns);
+            w.u64(l.limit.burst);
         }
         let m = &p.meta;
         w.strings(&m.scopes);
         w.flag(m.expires_at.is_some());
-        w.0.extend_from_slice(&m.expires_at.unwrap_or(0).to_le_bytes());
+        w.u64(m.expires_at.unwrap_or(0) as u64);
         w.flag(m.disabled);
         w.count(m.allowed_cidrs.len());
         for net in &m.allowed_cidrs {
@@ -139,6 +139,10 @@ impl Writer {
 
     fn flag(&mut self, v: bool) {
         self.0.push(u8::from(v));
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
     }
 
     fn count(&mut self, n: usize) {
